@@ -1,0 +1,131 @@
+"""Site configuration: what a hospital owns (its data, its device, its privacy budget).
+
+Validated once, where it enters (a TOML file); inside, plain pydantic objects are passed.
+Privacy values have no defaults on purpose: a site states its epsilon budget, delta, clip
+norms and noise multipliers, or the config is refused.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelPrivacy(_Strict):
+    """DP-SGD settings of one model; the privacy unit is the patient."""
+
+    noise_multiplier: float = Field(gt=0, description="sigma, noise std / clip norm")
+    max_grad_norm: float = Field(gt=0, description="C, per-patient gradient clip norm")
+    sample_rate: float = Field(gt=0, le=1, description="q, Poisson rate of patients per step")
+
+
+class SitePrivacy(_Strict):
+    privacy_unit: Literal["patient"] = "patient"
+    epsilon_budget: float = Field(gt=0, description="the site's total epsilon at `delta`")
+    delta: float = Field(gt=0, lt=1)
+    accountant: Literal["rdp", "prv"]
+    require_secure_aggregation: bool
+    detector: ModelPrivacy
+    classifier: ModelPrivacy
+
+
+class SiteTraining(_Strict):
+    frame_stride: int = Field(ge=1, description="train the detector on every n-th frame")
+    max_frames_per_video: int = Field(ge=1)
+    max_local_steps: int = Field(ge=1, description="the most DP steps per model per round")
+
+
+class SiteIdentity(_Strict):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    data: Path = Field(description="the site dataset folder (manifest.csv, boxes.csv, videos)")
+    state: Path = Field(description="where the site keeps its accountant and privacy ledger")
+    device: str = Field(description="'auto', 'cpu', 'cuda' or 'cuda:N'")
+    threads: int = Field(ge=1, description="CPU threads for training")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+            raise ValueError("must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        return value
+
+
+class SiteConfig(_Strict):
+    site: SiteIdentity
+    privacy: SitePrivacy
+    training: SiteTraining
+
+
+def load_site_config(path: Path) -> SiteConfig:
+    """Read and validate a site config; relative paths are taken from the file's folder.
+
+    Raises
+    ------
+    ConfigError
+        Naming the file and every bad field.
+    """
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: site config not found") from exc
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{path}: not a readable TOML file: {exc}") from exc
+    try:
+        config = SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = [
+            f"{path}: [{'.'.join(str(p) for p in err['loc'])}] {err['msg']}"
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid site config:\n" + "\n".join(lines)) from exc
+    base = path.parent
+    site = config.site.model_copy(
+        update={"data": base / config.site.data, "state": base / config.site.state}
+    )
+    return config.model_copy(update={"site": site})
+
+
+def render_site_config(config: SiteConfig) -> str:
+    """The config as commented TOML, the form `busfed site init` and the demo write."""
+    s, p, t = config.site, config.privacy, config.training
+
+    def model(name: str, m: ModelPrivacy) -> str:
+        return (
+            f"[privacy.{name}]\n"
+            f"noise_multiplier = {m.noise_multiplier}  # sigma: noise std over clip norm\n"
+            f"max_grad_norm = {m.max_grad_norm}  # C: each patient's gradient is clipped to this\n"
+            f"sample_rate = {m.sample_rate}  # q: Poisson rate of patients per step\n"
+        )
+
+    return (
+        "# busfed site config: owned by the hospital, never by the consortium.\n\n"
+        "[site]\n"
+        f'name = "{s.name}"\n'
+        f'data = "{s.data}"  # site dataset: manifest.csv, boxes.csv, videos/\n'
+        f'state = "{s.state}"  # privacy accountant and ledger live here; back it up\n'
+        f'device = "{s.device}"  # auto | cpu | cuda | cuda:N\n'
+        f"threads = {s.threads}  # CPU threads for training\n\n"
+        "[privacy]\n"
+        f'privacy_unit = "{p.privacy_unit}"  # one patient = one unit, all frames and clips\n'
+        f"epsilon_budget = {p.epsilon_budget}  # total epsilon at delta over every round\n"
+        f"delta = {p.delta}\n"
+        f'accountant = "{p.accountant}"  # rdp | prv\n'
+        f"require_secure_aggregation = {str(p.require_secure_aggregation).lower()}"
+        "  # refuse to train for a server without SecAgg+\n\n"
+        + model("detector", p.detector)
+        + "\n"
+        + model("classifier", p.classifier)
+        + "\n[training]\n"
+        f"frame_stride = {t.frame_stride}  # detector trains on every n-th frame\n"
+        f"max_frames_per_video = {t.max_frames_per_video}\n"
+        f"max_local_steps = {t.max_local_steps}  # the most DP steps per model per round\n"
+    )

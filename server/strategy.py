@@ -1,0 +1,189 @@
+"""The consortium's strategy: FedAvg whose every round is recorded and registered.
+
+Under SecAgg+ the strategy receives each site's metrics (epsilon, losses: they are not
+masked and hold no patient data) but only the already-unmasked weighted SUM of the
+updates; it never sees one site's weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateRes,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg
+
+from common.models.bundle import ModelBundle, set_weights
+from server.tracking import Tracker
+
+# Per-site metrics that are averaged into the round's metrics, weighted by patients.
+AVERAGED_FIT = ("detector_loss", "classifier_loss", "fit_seconds")
+
+
+def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure) or type(failure).__name__
+    proxy, res = failure
+    return f"node {proxy.cid}: {getattr(res, 'status', res)}"
+
+
+def weighted_mean(pairs: list[tuple[int, float]]) -> float:
+    total = sum(n for n, _ in pairs)
+    return float(sum(n * v for n, v in pairs) / total) if total else float("nan")
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    model_version: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "round": self.round,
+            "metrics": self.metrics,
+            "sites": self.sites,
+            "failures": self.failures,
+            "model_version": self.model_version,
+        }
+
+
+class TrackedFedAvg(FedAvg):
+    """Legacy FedAvg (SecAgg+ needs the legacy path) plus MLflow and a round log."""
+
+    def __init__(
+        self,
+        *,
+        bundle: ModelBundle,
+        tracker: Tracker,
+        rounds_log: Path,
+        secure_aggregation: bool,
+        **fedavg: Any,
+    ) -> None:
+        super().__init__(**fedavg)
+        self.bundle = bundle
+        self.tracker = tracker
+        self.rounds_log = rounds_log
+        self.secure_aggregation = secure_aggregation
+        self.records: list[RoundRecord] = []
+        self._pending: RoundRecord | None = None
+        self._last_round_end = time.time()
+
+    # ------------------------------------------------------------------ fit
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self._flush()
+        record = RoundRecord(round=server_round)
+        record.failures = [describe_failure(f) for f in failures]
+        for reason in record.failures:
+            log(WARNING, "round %s: a site failed or refused: %s", server_round, reason)
+        parameters, _ = super().aggregate_fit(server_round, results, failures)
+        if parameters is None:
+            record.metrics["sites_participating"] = 0.0
+            self._pending = record
+            self._flush()
+            return None, {}
+
+        for _, res in results:
+            site = str(res.metrics.get("site", "?"))
+            record.sites[site] = {"n_patients": res.num_examples, **res.metrics}
+        record.metrics["sites_participating"] = float(len(results))
+        record.metrics["sites_failed"] = float(len(failures))
+        for key in AVERAGED_FIT:
+            pairs = [(r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics]
+            if pairs:
+                record.metrics[key] = weighted_mean(pairs)
+        epsilons = [float(r.metrics["epsilon"]) for _, r in results if "epsilon" in r.metrics]
+        if epsilons:
+            record.metrics["epsilon_max"] = max(epsilons)
+
+        set_weights(self.bundle, parameters_to_ndarrays(parameters))
+        tags = {
+            "round": str(server_round),
+            "sites": ",".join(sorted(record.sites)),
+            "secure_aggregation": str(self.secure_aggregation).lower(),
+            "privacy_unit": "patient",
+            "flower_run": self.tracker.run_id,
+        }
+        for site, values in record.sites.items():
+            tags[f"epsilon.{site}"] = f"{float(values.get('epsilon', float('nan'))):.6f}"
+            tags[f"delta.{site}"] = str(values.get("delta", ""))
+        version = self.tracker.register_round(self.bundle, server_round=server_round, tags=tags)
+        record.model_version = version.version
+        log(INFO, "round %s: registered %s version %s", server_round, version.name, version.version)
+        self.tracker.log_metrics(
+            {k: v for k, v in record.metrics.items() if np.isfinite(v)}, step=server_round
+        )
+        for site, values in record.sites.items():
+            if "epsilon" in values:
+                self.tracker.log_metrics({f"epsilon.{site}": float(values["epsilon"])}, step=server_round)
+        self._pending = record
+        return parameters, {}
+
+    # ------------------------------------------------------------------ evaluate
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        loss, _ = super().aggregate_evaluate(server_round, results, failures)
+        record = self._pending
+        if record is None or record.round != server_round:
+            return loss, {}
+        keys = {k for _, r in results for k, v in r.metrics.items() if isinstance(v, int | float)}
+        for key in sorted(keys):
+            pairs = [(r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics]
+            record.metrics[key] = weighted_mean(pairs)
+        for _, r in results:
+            site = str(r.metrics.get("site", "?"))
+            record.sites.setdefault(site, {}).update(
+                {f"eval.{k}": v for k, v in r.metrics.items() if k != "site"}
+            )
+        eval_metrics = {k: record.metrics[k] for k in keys if np.isfinite(record.metrics[k])}
+        self.tracker.log_metrics(eval_metrics, step=server_round)
+        if record.model_version is not None:
+            self.tracker.tag_version(
+                record.model_version, {f"val.{k}": f"{v:.6f}" for k, v in eval_metrics.items()}
+            )
+        self._flush()
+        return loss, {}
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _flush(self) -> None:
+        """Append the finished round to the round log (JSON lines) and MLflow."""
+        record, self._pending = self._pending, None
+        if record is None:
+            return
+        now = time.time()
+        # From the end of the previous round (or the start) to the end of this one:
+        # local training, SecAgg+ stages, registration and federated evaluation.
+        record.metrics["round_seconds"] = now - self._last_round_end
+        self._last_round_end = now
+        self.records.append(record)
+        self.rounds_log.parent.mkdir(parents=True, exist_ok=True)
+        with self.rounds_log.open("a") as f:
+            f.write(json.dumps(record.as_json(), default=float) + "\n")
+        self.tracker.log_json(record.as_json(), f"rounds/round-{record.round:04d}.json")
+
+    def finish(self) -> None:
+        self._flush()

@@ -1,0 +1,138 @@
+"""End to end: real SuperLink and SuperNodes on 127.0.0.1, TLS, node auth, SecAgg+, MLflow.
+
+Nothing is mocked: the sites train with Opacus on PyAV videos, and the server registers a
+model version per round in a SQLite MLflow. Each test takes about a minute or two.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from rich.console import Console
+
+from deploy.demo import (
+    APP_DIR,
+    DemoSettings,
+    prepare_sites,
+    run_config_for,
+    run_demo,
+    site_keys,
+    start_sites,
+)
+from deploy.launcher import LocalFederation
+from deploy.pki import create_consortium_pki, create_node_keys
+
+pytestmark = pytest.mark.e2e
+
+SMALL = DemoSettings(rounds=1, sites=3, patients=6, frames=16, size=64, local_steps=1)
+QUIET = Console(quiet=True)
+
+
+def processes_mentioning(text: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "pgrep" not in line]
+
+
+def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    summary = run_demo(out, SMALL, QUIET)
+
+    assert summary["secure_aggregation"] is True
+    assert [r["round"] for r in summary["rounds"]] == [1]
+    round1 = summary["rounds"][0]
+    assert round1["sites"] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert round1["failures"] == []
+    assert {s["name"] for s in summary["sites"]} == {"hospital-a", "hospital-b", "hospital-c"}
+    for site in summary["sites"]:
+        assert math.isfinite(site["epsilon"]) and 0 < site["epsilon"] < site["epsilon_budget"]
+        assert site["delta"] == 1e-5
+    assert json.loads((out / "summary.json").read_text())["rounds"] == summary["rounds"]
+
+    # One registered version for the round, carrying its model card and the sites' epsilons.
+    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    versions = client.search_model_versions(f"name = '{summary['registered_model']}'")
+    assert [v.version for v in versions] == [round1["model_version"]] == ["1"]
+    tags = versions[0].tags
+    assert tags["secure_aggregation"] == "true" and tags["round"] == "1"
+    assert tags["sites"] == "hospital-a,hospital-b,hospital-c"
+    for site in summary["sites"]:
+        assert float(tags[f"epsilon.{site['name']}"]) == pytest.approx(site["epsilon"], rel=1e-5)
+    assert int(tags["detector_params"]) > 0 and tags["clip_len"] == "8"
+    run = client.get_run(summary["mlflow_run_id"])
+    assert "classifier_loss" in run.data.metrics and "epsilon.hospital-a" in run.data.metrics
+
+    # Each site kept its accountant and activity log; nothing the demo started is left running.
+    for name in ("hospital-a", "hospital-b", "hospital-c"):
+        events = [json.loads(x) for x in (out / "sites" / name / "state" / "events.jsonl").open()]
+        assert [e["event"] for e in events] == ["fit-start", "fit-end"]
+    assert processes_mentioning(str(out)) == []
+
+    # A second demo into the same folder never silently replaces the first one's records.
+    from common.errors import UsageError
+
+    with pytest.raises(UsageError, match="not empty"):
+        run_demo(out, SMALL, QUIET)
+
+
+def test_unregistered_site_and_untrusted_ca_are_refused(tmp_path: Path) -> None:
+    pki = create_consortium_pki(tmp_path / "pki", hosts=["127.0.0.1"])
+    rogue_ca = create_consortium_pki(tmp_path / "rogue", hosts=["127.0.0.1"])
+    keys = create_node_keys(tmp_path / "keys", site="intruder")
+    with LocalFederation(tmp_path / "fed", pki) as fed:
+        fed.start_superlink()
+        intruder = fed.start_supernode("intruder", keys, node_config={"site-config": "none"})
+        assert intruder.popen.wait(timeout=120) != 0
+        assert "Failed to activate" in intruder.log.read_text() or "refused" in intruder.log.read_text()
+
+        fed.register("honest", keys)  # enrolled, but it trusts the wrong CA
+        spoofed = fed.start_supernode(
+            "wrong-ca",
+            keys,
+            node_config={"site-config": "none"},
+            extra_args=["--max-retries", "1"],
+            ca_cert=rogue_ca.ca_cert,
+        )
+        assert spoofed.popen.wait(timeout=120) != 0
+        assert "CERTIFICATE_VERIFY_FAILED" in spoofed.log.read_text()
+        nodes = json.loads(fed.flwr("supernode", "list", "busfed", "--format", "json"))["nodes"]
+        assert all(n["status"] != "online" for n in nodes)
+
+
+def test_round_completes_when_a_site_dies_mid_round(tmp_path: Path) -> None:
+    out = tmp_path / "fed"
+    settings = DemoSettings(**{**SMALL.__dict__, "secagg_timeout": 40.0})
+    configs = prepare_sites(out, settings, QUIET)
+    pki = create_consortium_pki(out / "pki", hosts=["127.0.0.1"])
+    victim = configs[2]
+    events = victim.parent / "state" / "events.jsonl"
+    with LocalFederation(out / "federation", pki) as fed:
+        fed.start_superlink()
+        start_sites(fed, configs)
+        run_id = fed.run(APP_DIR, run_config_for(out, settings))
+        deadline = time.monotonic() + 240
+        while not (events.exists() and "fit-start" in events.read_text()):
+            assert time.monotonic() < deadline, "the victim site never started training"
+            time.sleep(0.5)
+        node = next(p for p in fed.processes if p.name == f"supernode-{victim.parent.name}")
+        os.killpg(node.popen.pid, signal.SIGKILL)  # the hospital's machine dies mid-training
+
+        deadline = time.monotonic() + 400
+        while not (status := fed.run_status(run_id)["status"]).startswith("finished"):
+            assert time.monotonic() < deadline, "the round never finished"
+            time.sleep(2)
+    assert status == "finished:completed"
+    summary = json.loads((out / "summary.json").read_text())
+    round1 = summary["rounds"][0]
+    assert round1["sites"] == ["hospital-a", "hospital-b"]
+    assert round1["model_version"] == "1"
+    assert len(round1["failures"]) >= 1
+    assert "fit-end" not in events.read_text()
+    assert site_keys(victim).private_key.exists()
