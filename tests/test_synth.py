@@ -1,0 +1,308 @@
+"""Synthetic sites: determinism, file contracts, the risk model, and what the frames show."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from common.data.synth import (
+    LOG_ODDS,
+    VENDORS,
+    Lesion,
+    Psf,
+    birads_category,
+    generate_site,
+    malignancy_probability,
+    render_sweep,
+    sample_lesion,
+    speckle_envelope,
+)
+from common.data.video import read_video
+from common.errors import UsageError
+
+SMALL: dict[str, Any] = {"patients": 6, "frames": 16, "size": 64}
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney AUC, ties counted half."""
+    positive, negative = scores[labels], scores[~labels]
+    greater = (positive[:, None] > negative[None, :]).sum()
+    ties = (positive[:, None] == negative[None, :]).sum()
+    return float((greater + 0.5 * ties) / (len(positive) * len(negative)))
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "site-a"
+    generate_site(out, site="site-a", seed=7, vendor="vendor-a", **SMALL)
+    return out
+
+
+# ------------------------------------------------------------------ site files
+
+
+def test_same_seed_gives_identical_files(site: Path, tmp_path: Path) -> None:
+    again = tmp_path / "site-a"
+    generate_site(again, site="site-a", seed=7, vendor="vendor-a", **SMALL)
+
+    names = sorted(p.relative_to(site) for p in site.rglob("*") if p.is_file())
+    assert names == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    for name in names:
+        assert (site / name).read_bytes() == (again / name).read_bytes(), name
+
+
+def test_other_seed_or_site_gives_other_videos(site: Path, tmp_path: Path) -> None:
+    other_seed = tmp_path / "seed"
+    generate_site(other_seed, site="site-a", seed=8, vendor="vendor-a", **SMALL)
+    other_site = tmp_path / "site"
+    generate_site(other_site, site="site-b", seed=7, vendor="vendor-a", **SMALL)
+
+    video = "site-a-p0000-v1.mp4"
+    assert (other_seed / "videos" / video).read_bytes() != (site / "videos" / video).read_bytes()
+    assert not np.array_equal(
+        read_video(other_site / "videos" / "site-b-p0000-v1.mp4"),
+        read_video(site / "videos" / video),
+    )
+
+
+def test_files_follow_the_contract(site: Path) -> None:
+    manifest = _rows(site / "manifest.csv")
+    boxes = _rows(site / "boxes.csv")
+    lesions = _rows(site / "lesions.csv")
+
+    header = (site / "manifest.csv").read_text().splitlines()[0]
+    assert header == "video,patient_id,label,birads,age,lesion_size_mm,vendor,split"
+    assert (site / "boxes.csv").read_text().splitlines()[0] == "video,frame,x1,y1,x2,y2"
+    assert [row["video"] for row in lesions] == [row["video"] for row in manifest]
+
+    per_patient: dict[str, list[dict[str, str]]] = {}
+    for row in manifest:
+        assert (site / row["video"]).is_file()
+        assert row["video"].startswith(f"videos/{row['patient_id']}-v")
+        assert row["patient_id"].startswith("site-a-p")
+        assert row["label"] in ("benign", "malignant")
+        assert row["vendor"] == "vendor-a"
+        per_patient.setdefault(row["patient_id"], []).append(row)
+    assert len(per_patient) == SMALL["patients"]
+    for rows in per_patient.values():
+        assert 1 <= len(rows) <= 2
+        # Both sweeps of a patient share the lesion, its label and the patient's split.
+        assert len({(r["label"], r["birads"], r["age"], r["split"]) for r in rows}) == 1
+    splits = [rows[0]["split"] for rows in per_patient.values()]
+    assert sorted(set(splits)) == ["test", "train", "val"]
+
+    videos = {row["video"] for row in manifest}
+    for box in boxes:
+        assert box["video"] in videos
+        x1, y1, x2, y2 = (int(box[k]) for k in ("x1", "y1", "x2", "y2"))
+        assert 0 <= x1 < x2 <= SMALL["size"] and 0 <= y1 < y2 <= SMALL["size"]
+        assert 0 <= int(box["frame"]) < SMALL["frames"]
+
+
+def test_summary_and_progress_match_the_files(tmp_path: Path) -> None:
+    calls: list[tuple[int, int]] = []
+    summary = generate_site(
+        tmp_path / "s",
+        site="s",
+        seed=1,
+        vendor="vendor-b",
+        progress=lambda done, total: calls.append((done, total)),
+        **SMALL,
+    )
+    manifest = _rows(tmp_path / "s" / "manifest.csv")
+
+    assert summary.n_videos == len(manifest) == len(calls)
+    assert calls == [(i + 1, len(manifest)) for i in range(len(manifest))]
+    malignant = {row["patient_id"] for row in manifest if row["label"] == "malignant"}
+    assert summary.n_malignant == len(malignant)
+    assert (summary.site, summary.n_patients, summary.vendor) == ("s", 6, "vendor-b")
+
+
+def test_videos_hold_the_frames_the_manifest_promises(site: Path) -> None:
+    video = read_video(site / "videos" / "site-a-p0000-v1.mp4")
+
+    assert video.shape == (SMALL["frames"], SMALL["size"], SMALL["size"])
+
+
+def test_labels_agree_with_recorded_features(site: Path) -> None:
+    for row, lesion in zip(_rows(site / "manifest.csv"), _rows(site / "lesions.csv"), strict=True):
+        features = {k: lesion[k] for k in ("shape", "orientation", "margin", "echo", "posterior")}
+        p = float(lesion["p_malignant"])
+        assert p == pytest.approx(malignancy_probability(**features), abs=1e-6)
+        assert row["birads"] == birads_category(p)
+
+
+def test_bad_arguments_are_usage_errors(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="vendor-a, vendor-b, vendor-c"):
+        generate_site(tmp_path / "x", site="x", patients=2, seed=0, vendor="acme")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("")
+    with pytest.raises(UsageError, match="not an empty folder"):
+        generate_site(tmp_path / "full", site="x", patients=2, seed=0, vendor="vendor-a")
+    with pytest.raises(UsageError, match="even size"):
+        generate_site(tmp_path / "y", site="x", patients=2, seed=0, vendor="vendor-a", size=63)
+
+
+# ------------------------------------------------------------------ risk model
+
+
+@pytest.fixture(scope="module")
+def lesions() -> list[Lesion]:
+    rng = np.random.default_rng(2024)
+    return [sample_lesion(rng) for _ in range(2000)]
+
+
+def test_suspicious_features_raise_the_malignant_rate(lesions: list[Lesion]) -> None:
+    def rate(shape: str, margin: str) -> float:
+        group = [x.malignant for x in lesions if x.shape == shape and x.margin == margin]
+        assert len(group) >= 20
+        return float(np.mean(group))
+
+    assert rate("irregular", "spiculated") > rate("oval", "circumscribed") + 0.5
+    assert LOG_ODDS["margin"]["spiculated"] == max(LOG_ODDS["margin"].values())
+
+
+def test_probability_predicts_the_label(lesions: list[Lesion]) -> None:
+    p = np.array([x.p_malignant for x in lesions])
+    label = np.array([x.malignant for x in lesions])
+
+    assert _auc(p, label) > 0.75
+    assert 0.25 < label.mean() < 0.5
+    # Calibrated: the mean probability is the malignant fraction, within sampling error.
+    assert abs(p.mean() - label.mean()) < 0.03
+
+
+def test_birads_category_matches_probability(lesions: list[Lesion]) -> None:
+    bounds = {"3": (0, 0.02), "4A": (0.02, 0.10), "4B": (0.10, 0.50), "4C": (0.50, 0.95)}
+    for lesion in lesions:
+        low, high = bounds.get(lesion.birads, (0.95, 1.0))
+        assert low <= lesion.p_malignant <= high
+    assert {x.birads for x in lesions} == {"3", "4A", "4B", "4C", "5"}
+    assert [birads_category(p) for p in (0.02, 0.021, 0.1, 0.5, 0.949, 0.95)] == [
+        "3",
+        "4A",
+        "4A",
+        "4B",
+        "4C",
+        "5",
+    ]
+
+
+def test_features_correlate_mildly_with_age_and_size(lesions: list[Lesion]) -> None:
+    label = np.array([x.malignant for x in lesions], dtype=float)
+    for covariate in ([x.age for x in lesions], [x.size_mm for x in lesions]):
+        correlation = np.corrcoef(covariate, label)[0, 1]
+        assert 0.05 < correlation < 0.4
+
+
+# ------------------------------------------------------------------ image content
+
+
+def _lesion(**features: str) -> Lesion:
+    defaults = {
+        "shape": "oval",
+        "orientation": "parallel",
+        "margin": "circumscribed",
+        "echo": "hypoechoic",
+        "posterior": "none",
+    }
+    defaults.update(features)
+    return Lesion(age=50, size_mm=14.0, p_malignant=0.1, malignant=False, **defaults)
+
+
+def _area(box: tuple[int, int, int, int]) -> int:
+    x1, y1, x2, y2 = box
+    return (x2 - x1) * (y2 - y1)
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_hypoechoic_lesion_is_darker_than_its_surroundings(vendor: str) -> None:
+    sweep = render_sweep(
+        _lesion(), VENDORS[vendor], frames=16, size=64, rng=np.random.default_rng(3)
+    )
+    widest = max(sweep.boxes, key=lambda t: _area(sweep.boxes[t]))
+    x1, y1, x2, y2 = sweep.boxes[widest]
+    frame = sweep.frames[widest].astype(float)
+    ring = np.zeros(frame.shape, dtype=bool)
+    ring[max(0, y1 - 6) : y2 + 6, max(0, x1 - 6) : x2 + 6] = True
+    ring[y1:y2, x1:x2] = False
+
+    assert frame[y1:y2, x1:x2].mean() < frame[ring].mean() - 15
+
+
+def test_lesion_appears_mid_sweep_only() -> None:
+    sweep = render_sweep(
+        _lesion(), VENDORS["vendor-b"], frames=16, size=64, rng=np.random.default_rng(4)
+    )
+    visible = sorted(sweep.boxes)
+
+    assert 0 not in sweep.boxes and 15 not in sweep.boxes
+    assert 8 in sweep.boxes
+    assert visible == list(range(visible[0], visible[-1] + 1))
+    widths = [sweep.boxes[t][2] - sweep.boxes[t][0] for t in visible]
+    assert max(widths) > widths[0] and max(widths) > widths[-1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_boxes_lie_inside_the_frame(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    sweep = render_sweep(sample_lesion(rng), VENDORS["vendor-c"], frames=12, size=48, rng=rng)
+
+    assert sweep.frames.shape == (12, 48, 48) and sweep.frames.dtype == np.uint8
+    assert sweep.boxes
+    for t, (x1, y1, x2, y2) in sweep.boxes.items():
+        assert 0 <= t < 12
+        assert 0 <= x1 < x2 <= 48 and 0 <= y1 < y2 <= 48
+
+
+@pytest.mark.parametrize(("posterior", "sign"), [("shadowing", -1), ("enhancement", 1)])
+def test_posterior_features_change_the_column_below(posterior: str, sign: int) -> None:
+    def below(features: dict[str, str]) -> float:
+        """Mean pixel below the lesion's widest section."""
+        sweep = render_sweep(
+            _lesion(**features),
+            VENDORS["vendor-a"],
+            frames=16,
+            size=64,
+            rng=np.random.default_rng(5),
+        )
+        t = max(sweep.boxes, key=lambda t: _area(sweep.boxes[t]))
+        x1, _, x2, y2 = sweep.boxes[t]
+        frame = sweep.frames[t].astype(float)
+        return frame[y2 + 2 :, x1:x2].mean()
+
+    difference = below({"posterior": posterior}) - below({})
+    assert sign * difference > 10
+
+
+def test_speckle_envelope_is_rayleigh() -> None:
+    psf = Psf.of(VENDORS["vendor-b"], spacing_mm=0.2, step_mm=0.5)
+    envelope = speckle_envelope(
+        np.ones((16, 96, 96), dtype=np.float32), psf, np.random.default_rng(0)
+    ).astype(float)
+
+    # Rayleigh: mean / std = sqrt(pi / (4 - pi)) = 1.913; mean power = amplitude**2.
+    assert envelope.mean() / envelope.std() == pytest.approx(1.913, rel=0.05)
+    assert (envelope**2).mean() == pytest.approx(1.0, rel=0.05)
+
+
+def test_consecutive_frames_share_speckle() -> None:
+    psf = Psf.of(VENDORS["vendor-a"], spacing_mm=0.3, step_mm=0.5)
+    envelope = speckle_envelope(
+        np.ones((16, 64, 64), dtype=np.float32), psf, np.random.default_rng(1)
+    )
+
+    def correlation(a: int, b: int) -> float:
+        return float(np.corrcoef(envelope[a].ravel(), envelope[b].ravel())[0, 1])
+
+    assert correlation(5, 6) > 0.3
+    assert abs(correlation(0, 8)) < 0.1
