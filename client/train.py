@@ -1,0 +1,196 @@
+"""Local patient-level DP-SGD training of the detector and the classifier.
+
+Both use ``client.dp.run_dp_sgd``; they differ only in how a sampled patient's gradient
+is computed:
+
+* detector: Opacus cannot give per-sample gradients for Faster R-CNN (its RoI heads see
+  one row per RoI, not per image), so each sampled patient gets its own backward pass;
+* classifier: one forward and backward over the sampled patients' clips through Opacus'
+  ``GradSampleModule`` gives per-clip gradients, summed per patient.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from opacus import GradSampleModule
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+
+from client.dp import DPParams, MechanismRecord, run_dp_sgd
+from common.data.units import ClassifierUnit, DetectorUnit
+
+__all__ = ["DPParams", "MechanismRecord", "train_classifier", "train_detector"]
+
+
+def train_detector(
+    model: FasterRCNN,
+    units: list[DetectorUnit],
+    *,
+    dp: DPParams,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    generator: torch.Generator,
+    frames_per_pass: int = 8,
+) -> MechanismRecord:
+    """Train the detector in place with ``steps`` DP-SGD steps, privacy unit = patient.
+
+    A patient's loss is the mean over its frames of the sum of Faster R-CNN's four losses.
+    Its frames go through the model ``frames_per_pass`` at a time (to bound memory), each
+    pass weighted by its share of the frames; within a pass, Faster R-CNN normalises its
+    losses over the pass' sampled anchors and RoIs, which equals the per-frame mean when
+    every frame contributes as many samples (the usual case).
+
+    Parameters
+    ----------
+    model : FasterRCNN
+        From ``build_detector``; moved to ``device`` and left in train mode.
+    units : list of DetectorUnit
+        One per patient.
+    dp : DPParams
+        sigma, C and the patient sampling rate q.
+    steps : int
+        Noisy steps to take.
+    lr : float
+        SGD learning rate (no momentum).
+    device : torch.device
+    generator : torch.Generator
+        Source of the Poisson draws and of the noise seed. Faster R-CNN's own anchor and
+        RoI sampling uses torch's global RNG.
+    frames_per_pass : int
+        Frames per forward pass; only memory and speed depend on it.
+
+    Returns
+    -------
+    MechanismRecord
+    """
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def per_patient_gradients(sampled: list[int]) -> tuple[list[torch.Tensor], list[float]]:
+        rows = [p.new_zeros((len(sampled), *p.shape)) for p in params]
+        losses = []
+        for row, index in enumerate(sampled):
+            unit = units[index]
+            n_frames = len(unit.images)
+            loss_value = 0.0
+            for start in range(0, n_frames, frames_per_pass):
+                images = [im.to(device) for im in unit.images[start : start + frames_per_pass]]
+                targets = [
+                    {k: v.to(device) for k, v in t.items()}
+                    for t in unit.targets[start : start + frames_per_pass]
+                ]
+                loss = sum(model(images, targets).values()) * (len(images) / n_frames)
+                loss.backward()
+                loss_value += float(loss.detach())
+            for p, rows_p in zip(params, rows, strict=True):
+                if p.grad is not None:
+                    rows_p[row] = p.grad
+                p.grad = None
+            losses.append(loss_value)
+        return rows, losses
+
+    return run_dp_sgd(
+        "detector",
+        params,
+        len(units),
+        per_patient_gradients,
+        dp=dp,
+        steps=steps,
+        lr=lr,
+        device=device,
+        generator=generator,
+    )
+
+
+def train_classifier(
+    model: nn.Module,
+    units: list[ClassifierUnit],
+    *,
+    dp: DPParams,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    generator: torch.Generator,
+    clips_per_pass: int = 32,
+) -> MechanismRecord:
+    """Train the classifier in place with ``steps`` DP-SGD steps, privacy unit = patient.
+
+    A patient's loss is the mean binary cross-entropy over its clips. Patients without
+    clips are left out: they cannot change the gradient, and dropping them only changes
+    ``n_units`` (and so the divisor q N), not the privacy guarantee.
+
+    The model is wrapped in Opacus' ``GradSampleModule`` ("hooks" mode) for the training
+    and unwrapped at the end: its hooks are removed, its state_dict keys are unchanged.
+
+    Parameters
+    ----------
+    model : nn.Module
+        From ``build_classifier``: FloatTensor[B, 3, T, H, W] -> logits FloatTensor[B].
+        Moved to ``device``.
+    units : list of ClassifierUnit
+        One per patient.
+    dp, steps, lr, device, generator
+        As for ``train_detector``.
+    clips_per_pass : int
+        Clips per forward pass; only memory and speed depend on it.
+
+    Returns
+    -------
+    MechanismRecord
+        ``n_units`` counts the patients with at least one clip.
+    """
+    units = [u for u in units if len(u.clips)]
+    model.to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    # "sum": the hooks then return each clip's gradient of the loss as written; with
+    # "mean" they would multiply by the batch size to undo a mean we do not take.
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
+
+    def per_patient_gradients(sampled: list[int]) -> tuple[list[torch.Tensor], list[float]]:
+        # (row of the sampled patient, clip index) for every clip of the sampled patients
+        pieces = [(row, k) for row, i in enumerate(sampled) for k in range(len(units[i].clips))]
+        rows = [p.new_zeros((len(sampled), *p.shape)) for p in params]
+        losses = torch.zeros(len(sampled), device=device)
+        for start in range(0, len(pieces), clips_per_pass):
+            chunk = pieces[start : start + clips_per_pass]
+            clips = torch.stack([units[sampled[r]].clips[k] for r, k in chunk]).to(device)
+            labels = torch.stack([units[sampled[r]].labels[k] for r, k in chunk]).to(device)
+            owner = torch.tensor([r for r, _ in chunk], device=device)
+            weight = 1.0 / torch.tensor(
+                [len(units[sampled[r]].clips) for r, _ in chunk], device=device
+            )
+            per_clip = F.binary_cross_entropy_with_logits(wrapped(clips), labels, reduction="none")
+            with warnings.catch_warnings():
+                # The stem's input needs no gradient; torch warns that the hook fires anyway.
+                warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+                (per_clip * weight).sum().backward()
+            losses.index_add_(0, owner, (per_clip * weight).detach())
+            for p, rows_p in zip(params, rows, strict=True):
+                # Opacus' hooks leave one gradient per clip in p.grad_sample.
+                rows_p.index_add_(0, owner, p.grad_sample)  # type: ignore[attr-defined]
+                p.grad_sample = None  # type: ignore[attr-defined]
+                p.grad = None
+        return rows, losses.tolist()
+
+    try:
+        return run_dp_sgd(
+            "classifier",
+            params,
+            len(units),
+            per_patient_gradients,
+            dp=dp,
+            steps=steps,
+            lr=lr,
+            device=device,
+            generator=generator,
+        )
+    finally:
+        wrapped.to_standard_module()
+        # Opacus leaves an empty activation list on every hooked layer.
+        for module in model.modules():
+            if hasattr(module, "activations"):
+                del module.activations
