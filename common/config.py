@@ -83,8 +83,7 @@ def load_site_config(path: Path) -> SiteConfig:
         config = SiteConfig.model_validate(raw)
     except ValidationError as exc:
         lines = [
-            f"{path}: [{'.'.join(str(p) for p in err['loc'])}] {err['msg']}"
-            for err in exc.errors()
+            f"{path}: [{'.'.join(str(p) for p in err['loc'])}] {err['msg']}" for err in exc.errors()
         ]
         raise ConfigError("invalid site config:\n" + "\n".join(lines)) from exc
     base = path.parent

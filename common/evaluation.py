@@ -29,10 +29,10 @@ def evaluate_bundle(bundle: ModelBundle, units: SiteUnits, *, device: torch.devi
     """
     classifier = bundle.classifier.to(device).eval()
     logits, labels = [], []
-    for unit in units.classifier:
-        if len(unit.clips):
-            logits.append(classifier(unit.clips.to(device)).float().cpu())
-            labels.append(unit.labels.float())
+    for patient in units.classifier:
+        if len(patient.clips):
+            logits.append(classifier(patient.clips.to(device)).float().cpu())
+            labels.append(patient.labels.float())
     metrics: dict[str, float] = {"val_patients": float(len(units.classifier))}
     loss = float("nan")
     if logits:
@@ -48,12 +48,14 @@ def evaluate_bundle(bundle: ModelBundle, units: SiteUnits, *, device: torch.devi
 
     detector = bundle.detector.to(device).train()
     det_losses = []
-    for unit in units.detector:
-        for image, target in zip(unit.images, unit.targets, strict=True):
+    for frames in units.detector:
+        for image, target in zip(frames.images, frames.targets, strict=True):
             out = detector([image.to(device)], [{k: v.to(device) for k, v in target.items()}])
             det_losses.append(float(sum(out.values())))
     if det_losses:
         metrics["detector_val_loss"] = float(np.mean(det_losses))
     # NaN does not survive Flower's metric records as a useful number; drop it.
     metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
-    return EvalResult(loss=loss if np.isfinite(loss) else 0.0, n_units=len(units.classifier), metrics=metrics)
+    return EvalResult(
+        loss=loss if np.isfinite(loss) else 0.0, n_units=len(units.classifier), metrics=metrics
+    )

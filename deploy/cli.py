@@ -31,7 +31,9 @@ def synth(
     site: Annotated[str, typer.Option(help="site name, prefixes patient ids")],
     patients: Annotated[int, typer.Option(min=1)] = 20,
     seed: Annotated[int, typer.Option()] = 0,
-    vendor: Annotated[str, typer.Option(help="scanner preset: vendor-a, vendor-b, vendor-c")] = "vendor-a",
+    vendor: Annotated[
+        str, typer.Option(help="scanner preset: vendor-a, vendor-b, vendor-c")
+    ] = "vendor-a",
     frames: Annotated[int, typer.Option(min=8, help="frames per sweep")] = 32,
     size: Annotated[int, typer.Option(min=32, help="frame side in pixels (even)")] = 128,
 ) -> None:

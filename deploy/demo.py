@@ -51,17 +51,21 @@ class DemoSettings:
     secagg_timeout: float = 60.0
 
 
-def demo_site_config(name: str, site_dir: Path) -> SiteConfig:
+def demo_site_config(
+    name: str, site_dir: Path, *, require_secure_aggregation: bool = True
+) -> SiteConfig:
     """What a cautious hospital would write: every privacy value stated explicitly."""
     model = ModelPrivacy(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3)
     return SiteConfig(
-        site=SiteIdentity(name=name, data=Path("data"), state=Path("state"), device="auto", threads=1),
+        site=SiteIdentity(
+            name=name, data=Path("data"), state=Path("state"), device="auto", threads=1
+        ),
         privacy=SitePrivacy(
             privacy_unit="patient",
             epsilon_budget=8.0,
             delta=1e-5,
             accountant="rdp",
-            require_secure_aggregation=True,
+            require_secure_aggregation=require_secure_aggregation,
             detector=model,
             classifier=model,
         ),
@@ -91,7 +95,10 @@ def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[P
         )
         create_node_keys(site_dir / "keys", site=name)
         path = site_dir / "site.toml"
-        path.write_text(render_site_config(demo_site_config(name, site_dir)))
+        config = demo_site_config(
+            name, site_dir, require_secure_aggregation=settings.secure_aggregation
+        )
+        path.write_text(render_site_config(config))
         configs.append(path)
     return configs
 
@@ -219,10 +226,13 @@ def watch_run(
     """Follow the run until it finishes, printing each round as the server records it."""
     shown = 0
     deadline = time.monotonic() + settings.timeout_s
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} rounds"),
-        TimeElapsedColumn(), console=console,
-    ) as progress:  # fmt: skip
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} rounds"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=console) as progress:
         task = progress.add_task("federated training", total=settings.rounds)
         while True:
             status = str(fed.run_status(run_id).get("status", ""))
@@ -230,7 +240,9 @@ def watch_run(
             for line in lines[shown:]:
                 r = json.loads(line)
                 eps = ", ".join(
-                    f"{s} ε={v['epsilon']:.2f}" for s, v in sorted(r["sites"].items()) if "epsilon" in v
+                    f"{s} ε={v['epsilon']:.2f}"
+                    for s, v in sorted(r["sites"].items())
+                    if "epsilon" in v
                 )
                 progress.console.print(
                     f"round {r['round']}: version {r['model_version']}, {eps}"
@@ -255,7 +267,9 @@ def report(summary: dict[str, Any], out: Path, console: Console) -> None:
     for col in ("site", "ε", "δ", "budget"):
         sites.add_column(col, justify="right")
     for s in summary["sites"]:
-        sites.add_row(s["name"], f"{s['epsilon']:.3f}", f"{s['delta']:g}", f"{s['epsilon_budget']:g}")
+        sites.add_row(
+            s["name"], f"{s['epsilon']:.3f}", f"{s['delta']:g}", f"{s['epsilon_budget']:g}"
+        )
     console.print(sites)
     console.print(
         f"summary: {out / 'summary.json'}\n"

@@ -8,6 +8,7 @@ or Ctrl-C alike.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -69,10 +70,8 @@ class ManagedProcess:
 
     def kill(self, sig: int = signal.SIGTERM) -> None:
         if self.alive():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.popen.pid, sig)
-            except ProcessLookupError:
-                pass
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -123,7 +122,9 @@ class LocalFederation:
         )
         return env
 
-    def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    def _spawn(
+        self, name: str, argv: list[str], env: dict[str, str] | None = None
+    ) -> ManagedProcess:
         log = self.logs / f"{name}.log"
         handle = log.open("ab")
         popen = subprocess.Popen(
@@ -243,10 +244,8 @@ class LocalFederation:
                 proc.kill(signal.SIGKILL)
                 proc.popen.wait(timeout=5)
             # Children left in the group (flwr-clientapp, flwr-serverapp) go too.
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(proc.popen.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
 
     def __enter__(self) -> LocalFederation:
         return self

@@ -136,9 +136,7 @@ def create_consortium_pki(
     for key, path in ((ca_key, pki.ca_key), (server_key, pki.server_key)):
         _write_private(
             path,
-            key.private_bytes(
-                pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            ),
+            key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         )
     return pki
 

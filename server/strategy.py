@@ -41,6 +41,8 @@ def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
 
 
 def weighted_mean(pairs: list[tuple[int, float]]) -> float:
+    """Mean weighted by patients; a site without a value (NaN: nobody sampled) is left out."""
+    pairs = [(n, v) for n, v in pairs if np.isfinite(v)]
     total = sum(n for n, _ in pairs)
     return float(sum(n * v for n, v in pairs) / total) if total else float("nan")
 
@@ -109,9 +111,11 @@ class TrackedFedAvg(FedAvg):
         record.metrics["sites_participating"] = float(len(results))
         record.metrics["sites_failed"] = float(len(failures))
         for key in AVERAGED_FIT:
-            pairs = [(r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics]
-            if pairs:
-                record.metrics[key] = weighted_mean(pairs)
+            pairs = [
+                (r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics
+            ]
+            if np.isfinite(value := weighted_mean(pairs)):
+                record.metrics[key] = value
         epsilons = [float(r.metrics["epsilon"]) for _, r in results if "epsilon" in r.metrics]
         if epsilons:
             record.metrics["epsilon_max"] = max(epsilons)
@@ -135,7 +139,9 @@ class TrackedFedAvg(FedAvg):
         )
         for site, values in record.sites.items():
             if "epsilon" in values:
-                self.tracker.log_metrics({f"epsilon.{site}": float(values["epsilon"])}, step=server_round)
+                self.tracker.log_metrics(
+                    {f"epsilon.{site}": float(values["epsilon"])}, step=server_round
+                )
         self._pending = record
         return parameters, {}
 
@@ -152,14 +158,17 @@ class TrackedFedAvg(FedAvg):
             return loss, {}
         keys = {k for _, r in results for k, v in r.metrics.items() if isinstance(v, int | float)}
         for key in sorted(keys):
-            pairs = [(r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics]
-            record.metrics[key] = weighted_mean(pairs)
+            pairs = [
+                (r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics
+            ]
+            if np.isfinite(value := weighted_mean(pairs)):
+                record.metrics[key] = value
         for _, r in results:
             site = str(r.metrics.get("site", "?"))
             record.sites.setdefault(site, {}).update(
                 {f"eval.{k}": v for k, v in r.metrics.items() if k != "site"}
             )
-        eval_metrics = {k: record.metrics[k] for k in keys if np.isfinite(record.metrics[k])}
+        eval_metrics = {k: record.metrics[k] for k in keys if k in record.metrics}
         self.tracker.log_metrics(eval_metrics, step=server_round)
         if record.model_version is not None:
             self.tracker.tag_version(

@@ -122,7 +122,7 @@ class Tracker:
             )
         except MlflowException as exc:
             raise TrackingError(f"could not register round {server_round}: {exc}") from exc
-        return RegisteredVersion(self.registered_model, str(version.version), version.source)
+        return RegisteredVersion(self.registered_model, str(version.version), str(version.source))
 
     def tag_version(self, version: str, tags: Mapping[str, str]) -> None:
         for key, value in tags.items():

@@ -59,7 +59,7 @@ def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
     # One registered version for the round, carrying its model card and the sites' epsilons.
     client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
     versions = client.search_model_versions(f"name = '{summary['registered_model']}'")
-    assert [v.version for v in versions] == [round1["model_version"]] == ["1"]
+    assert [str(v.version) for v in versions] == [round1["model_version"]] == ["1"]
     tags = versions[0].tags
     assert tags["secure_aggregation"] == "true" and tags["round"] == "1"
     assert tags["sites"] == "hospital-a,hospital-b,hospital-c"
@@ -90,7 +90,10 @@ def test_unregistered_site_and_untrusted_ca_are_refused(tmp_path: Path) -> None:
         fed.start_superlink()
         intruder = fed.start_supernode("intruder", keys, node_config={"site-config": "none"})
         assert intruder.popen.wait(timeout=120) != 0
-        assert "Failed to activate" in intruder.log.read_text() or "refused" in intruder.log.read_text()
+        assert (
+            "Failed to activate" in intruder.log.read_text()
+            or "refused" in intruder.log.read_text()
+        )
 
         fed.register("honest", keys)  # enrolled, but it trusts the wrong CA
         spoofed = fed.start_supernode(

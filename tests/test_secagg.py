@@ -66,7 +66,9 @@ def test_secaggplus_sum_equals_weighted_fedavg(tmp_path: pytest.TempPathFactory)
             min_available_clients=SITES,
             initial_parameters=ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES]),
         )  # fmt: skip
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=1), strategy=strategy)
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=1), strategy=strategy
+        )
         DefaultWorkflow(fit_workflow=secure_fit_workflow(RUN_CONFIG))(grid, legacy)
 
     def client_fn(context: Context):  # type: ignore[no-untyped-def]
@@ -88,4 +90,7 @@ def test_secaggplus_sum_equals_weighted_fedavg(tmp_path: pytest.TempPathFactory)
         assert got.shape == want.shape
         np.testing.assert_allclose(got, want, atol=quantization_bound(updates))
     unweighted = [sum(u[k] for u, _ in updates) / SITES for k in range(len(SHAPES))]
-    assert max(float(np.abs(g - w).max()) for g, w in zip(captured["aggregate"], unweighted)) > 1e-2
+    gaps = [
+        float(np.abs(g - w).max()) for g, w in zip(captured["aggregate"], unweighted, strict=True)
+    ]
+    assert max(gaps) > 1e-2  # a wrong weighting would be caught

@@ -1,0 +1,180 @@
+"""The site's federated client: private local training and validation of both networks.
+
+The site's own config decides the data, device and every privacy parameter; the server's
+run config proposes only the preset, the number of local steps (capped by the site) and
+the learning rate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from flwr.common import NDArrays, Scalar
+
+from client.train import DPParams, train_classifier, train_detector
+from common.config import ModelPrivacy, SiteConfig
+from common.data.manifest import load_site
+from common.data.units import SiteUnits, build_units
+from common.errors import BudgetExceeded, PrivacyError
+from common.evaluation import evaluate_bundle
+from common.models.bundle import (
+    ModelBundle,
+    build_bundle,
+    get_weights,
+    set_weights,
+    weight_names,
+)
+from common.privacy.accountant import SiteAccountant
+
+# SecAgg+ quantizes values in [-CLIPPING_RANGE, CLIPPING_RANGE]; anything outside would be
+# silently clipped in the sum, so the site refuses to send it (it is the only one who can
+# look: the server sees masked vectors only).
+CLIPPING_RANGE = 8.0
+ACCOUNTANT_FILE = "accountant.json"
+EVENTS_FILE = "events.jsonl"
+
+
+def resolve_device(setting: str) -> torch.device:
+    """'auto' picks the site's GPU when one is visible, the CPU otherwise."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+def _dp(m: ModelPrivacy) -> DPParams:
+    return DPParams(
+        noise_multiplier=m.noise_multiplier,
+        max_grad_norm=m.max_grad_norm,
+        sample_rate=m.sample_rate,
+    )
+
+
+def check_update(weights: NDArrays, names: list[str]) -> None:
+    """Refuse to send an update with NaN/inf or values SecAgg+ would clip."""
+    for name, w in zip(names, weights, strict=True):
+        if not np.all(np.isfinite(w)):
+            raise PrivacyError(f"update refused: {name} has non-finite values")
+        peak = float(np.max(np.abs(w))) if w.size else 0.0
+        if peak > CLIPPING_RANGE:
+            raise PrivacyError(
+                f"update refused: {name} reaches {peak:.3g}, outside SecAgg+'s range "
+                f"+-{CLIPPING_RANGE}"
+            )
+
+
+class SiteClient(NumPyClient):
+    """One hospital: trains on its own videos, reports its cumulative epsilon."""
+
+    def __init__(self, config: SiteConfig, run_config: dict[str, Scalar]) -> None:
+        self.config = config
+        self.preset = str(run_config["preset"])
+        self.proposed_steps = int(run_config["local-steps"])
+        self.lr = float(run_config["learning-rate"])
+        self.seed = int(run_config.get("seed", 0))
+        torch.set_num_threads(config.site.threads)
+        self.device = resolve_device(config.site.device)
+        self.accountant_path = config.site.state / ACCOUNTANT_FILE
+
+    def _bundle(self, parameters: NDArrays) -> ModelBundle:
+        bundle = build_bundle(self.preset, seed=self.seed)
+        set_weights(bundle, parameters)
+        return bundle
+
+    def _units(self, split: str) -> SiteUnits:
+        site = load_site(self.config.site.data, check_videos=False)
+        return build_units(
+            site,
+            build_bundle(self.preset, seed=self.seed).preset,
+            split=split,
+            frame_stride=self.config.training.frame_stride,
+            max_frames_per_video=self.config.training.max_frames_per_video,
+        )
+
+    def event(self, name: str, **fields: Scalar) -> None:
+        """Append to the site's activity log, so hospital IT can see what the site did."""
+        self.config.site.state.mkdir(parents=True, exist_ok=True)
+        line = {"time": time.time(), "site": self.config.site.name, "event": name, **fields}
+        with (self.config.site.state / EVENTS_FILE).open("a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def _accountant(self) -> SiteAccountant:
+        if self.accountant_path.exists():
+            return SiteAccountant.load(self.accountant_path)
+        return SiteAccountant(kind=self.config.privacy.accountant)
+
+    def fit(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        started = time.perf_counter()
+        server_round = int(config.get("round", 0))
+        privacy = self.config.privacy
+        steps = min(self.proposed_steps, self.config.training.max_local_steps)
+        det_dp, cls_dp = _dp(privacy.detector), _dp(privacy.classifier)
+
+        # Budget guard first: a round that would take the site past its budget trains nothing.
+        accountant = self._accountant()
+        projected = accountant.epsilon_if(
+            privacy.delta,
+            [
+                (det_dp.noise_multiplier, det_dp.sample_rate, steps),
+                (cls_dp.noise_multiplier, cls_dp.sample_rate, steps),
+            ],
+        )
+        if projected > privacy.epsilon_budget:
+            reason = (
+                f"site {self.config.site.name} refuses round {server_round}: epsilon would "
+                f"reach {projected:.3f} > budget {privacy.epsilon_budget} at delta {privacy.delta}"
+            )
+            self.event("fit-refused", round=server_round, reason=reason)
+            raise BudgetExceeded(reason)
+        self.event("fit-start", round=server_round, steps=steps)
+
+        bundle = self._bundle(parameters)
+        units = self._units("train")
+        generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
+        records = [
+            train_detector(
+                bundle.detector, units.detector, dp=det_dp, steps=steps, lr=self.lr,
+                device=self.device, generator=generator,
+            ),
+            train_classifier(
+                bundle.classifier, units.classifier, dp=cls_dp, steps=steps, lr=self.lr,
+                device=self.device, generator=generator,
+            ),
+        ]  # fmt: skip
+        for rec in records:
+            accountant.record(rec.noise_multiplier, rec.sample_rate, rec.steps)
+        self.config.site.state.mkdir(parents=True, exist_ok=True)
+        accountant.save(self.accountant_path)
+
+        weights = get_weights(bundle)
+        check_update(weights, weight_names(bundle))
+        det, cls = records
+        self.event("fit-end", round=server_round, epsilon=accountant.epsilon(privacy.delta))
+        metrics: dict[str, Scalar] = {
+            "site": self.config.site.name,
+            "epsilon": accountant.epsilon(privacy.delta),
+            "delta": privacy.delta,
+            "epsilon_budget": privacy.epsilon_budget,
+            "privacy_unit": privacy.privacy_unit,
+            "steps": steps,
+            "n_patients": len(units.detector),
+            "detector_loss": det.mean_loss,
+            "classifier_loss": cls.mean_loss,
+            "fit_seconds": time.perf_counter() - started,
+            "device": str(self.device),
+        }
+        return weights, len(units.detector), metrics
+
+    def evaluate(
+        self, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        bundle = self._bundle(parameters)
+        units = self._units("val")
+        result = evaluate_bundle(bundle, units, device=self.device)
+        metrics: dict[str, Scalar] = {"site": self.config.site.name, **result.metrics}
+        return result.loss, result.n_units, metrics
