@@ -162,7 +162,7 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
 
         table.add_row(
             str(r["round"]),
-            f"{len(r['sites'])}" + (f" ({len(r['failures'])} failed)" if r["failures"] else ""),
+            f"{len(r['sites'])}" + (f" ({len(r['dropped'])} dropped)" if r["dropped"] else ""),
             fmt("detector_loss"),
             fmt("classifier_loss"),
             fmt("classifier_val_auc"),
@@ -246,7 +246,8 @@ def watch_run(
                 )
                 progress.console.print(
                     f"round {r['round']}: version {r['model_version']}, {eps}"
-                    + (f", failures: {r['failures']}" if r["failures"] else "")
+                    + (f", no update from: {', '.join(r['dropped'])}" if r["dropped"] else "")
+                    + (f", errors: {r['failures']}" if r["failures"] else "")
                 )
             shown = len(lines)
             progress.update(task, completed=min(shown, settings.rounds))

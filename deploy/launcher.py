@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +20,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from common.errors import FederationError
 from deploy.pki import ConsortiumPKI, NodeKeys
@@ -68,10 +69,17 @@ class ManagedProcess:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
-    def kill(self, sig: int = signal.SIGTERM) -> None:
-        if self.alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.popen.pid, sig)
+    def kill(self) -> None:
+        """SIGKILL this process and everything it spawned, as a machine failure would."""
+        try:
+            root = psutil.Process(self.popen.pid)
+            tree = [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return
+        for p in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(tree, timeout=5)
 
     def tail(self, n: int = 30) -> str:
         try:
@@ -233,19 +241,30 @@ class LocalFederation:
         return dict(runs[0])
 
     def stop(self) -> None:
-        """Stop every process started here: SIGTERM, then SIGKILL after a grace period."""
-        for proc in reversed(self.processes):
-            proc.kill(signal.SIGTERM)
-        deadline = time.monotonic() + 10
+        """Stop every process started here and everything they spawned.
+
+        Flower detaches some children (flower-superexec, flwr-serverapp) into sessions of
+        their own, so process groups are not enough: the whole tree is collected first
+        (while parents still exist), then sent SIGTERM, then SIGKILL after a grace period.
+        """
+        tree: list[psutil.Process] = []
         for proc in self.processes:
             try:
-                proc.popen.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill(signal.SIGKILL)
-                proc.popen.wait(timeout=5)
-            # Children left in the group (flwr-clientapp, flwr-serverapp) go too.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.popen.pid, signal.SIGKILL)
+                root = psutil.Process(proc.popen.pid)
+                tree += [root, *root.children(recursive=True)]
+            except psutil.NoSuchProcess:
+                continue
+        for p in reversed(tree):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.terminate()
+        _, alive = psutil.wait_procs(tree, timeout=10)
+        for p in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        psutil.wait_procs(alive, timeout=5)
+        for proc in self.processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(timeout=1)
 
     def __enter__(self) -> LocalFederation:
         return self

@@ -48,6 +48,7 @@ def summary(strategy: TrackedFedAvg, tracker: Tracker, *, secure: bool) -> dict[
                 "model_version": r.model_version,
                 "sites": sorted(r.sites),
                 "failures": r.failures,
+                "dropped": r.dropped,
             }
             for r in strategy.records
         ],

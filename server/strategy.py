@@ -17,12 +17,14 @@ from typing import Any
 import numpy as np
 from flwr.common import (
     EvaluateRes,
+    FitIns,
     FitRes,
     Parameters,
     Scalar,
     parameters_to_ndarrays,
 )
 from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
@@ -53,6 +55,7 @@ class RoundRecord:
     metrics: dict[str, float] = field(default_factory=dict)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
     model_version: str | None = None
 
     def as_json(self) -> dict[str, Any]:
@@ -61,6 +64,7 @@ class RoundRecord:
             "metrics": self.metrics,
             "sites": self.sites,
             "failures": self.failures,
+            "dropped": self.dropped,
             "model_version": self.model_version,
         }
 
@@ -85,8 +89,17 @@ class TrackedFedAvg(FedAvg):
         self.records: list[RoundRecord] = []
         self._pending: RoundRecord | None = None
         self._last_round_end = time.time()
+        self._sampled: set[str] = set()
+        self._site_of_node: dict[str, str] = {}  # learnt from the sites' own metrics
 
     # ------------------------------------------------------------------ fit
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        self._sampled = {proxy.cid for proxy, _ in instructions}
+        return instructions
+
     def aggregate_fit(
         self,
         server_round: int,
@@ -96,8 +109,19 @@ class TrackedFedAvg(FedAvg):
         self._flush()
         record = RoundRecord(round=server_round)
         record.failures = [describe_failure(f) for f in failures]
+        for proxy, res in results:
+            self._site_of_node[proxy.cid] = str(res.metrics.get("site", proxy.cid))
+        # A site that died mid-round sends neither an update nor an error (under SecAgg+ it
+        # drops out of the protocol), and SecAgg+ errors carry no node id: so every sampled
+        # site without an update is listed by name, never left to vanish silently.
+        answered = {proxy.cid for proxy, _ in results}
+        record.dropped = [
+            self._site_of_node.get(cid, f"node {cid}") for cid in sorted(self._sampled - answered)
+        ]
         for reason in record.failures:
             log(WARNING, "round %s: a site failed or refused: %s", server_round, reason)
+        if record.dropped:
+            log(WARNING, "round %s: no update from %s", server_round, ", ".join(record.dropped))
         parameters, _ = super().aggregate_fit(server_round, results, failures)
         if parameters is None:
             record.metrics["sites_participating"] = 0.0
@@ -109,7 +133,7 @@ class TrackedFedAvg(FedAvg):
             site = str(res.metrics.get("site", "?"))
             record.sites[site] = {"n_patients": res.num_examples, **res.metrics}
         record.metrics["sites_participating"] = float(len(results))
-        record.metrics["sites_failed"] = float(len(failures))
+        record.metrics["sites_dropped"] = float(len(record.dropped))
         for key in AVERAGED_FIT:
             pairs = [
                 (r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics
