@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
+from deploy.metrics_cli import METRICS_HELP, metrics_command
 
 console = Console()
 err_console = Console(stderr=True)
@@ -23,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(site_app, name="site")
+app.command(name="metrics", help=METRICS_HELP)(metrics_command)
 
 
 @app.command()
@@ -77,13 +82,29 @@ def demo(
     )
 
 
+INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # unwinds through every `with LocalFederation(...)` and stops it
+
+
 def main() -> None:
     """Console entry point: BusfedError becomes its documented exit code, not a traceback."""
+    # A service manager's SIGTERM cleans up like Ctrl-C: no Flower process is left behind.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        app()
+        # Not click's standalone mode, so that errors map to busfed's exit codes here.
+        result = app(standalone_mode=False)
     except BusfedError as exc:
-        err_console.print(f"[red]error:[/red] {exc}")
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except click.exceptions.Abort:
         err_console.print("interrupted; every process started was stopped")
-        sys.exit(130)
+        sys.exit(INTERRUPTED)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    if result == INTERRUPTED:  # typer turns Ctrl-C into this exit code
+        err_console.print("interrupted; every process started was stopped")
+    sys.exit(result if isinstance(result, int) else 0)

@@ -1,0 +1,75 @@
+"""Evaluation metrics of the WAUVE paper (Han et al., Cancer Imaging 2025), equal to pROC.
+
+- ``roc``: AUC, DeLong's variance and covariance, DeLong confidence interval of an AUC and
+  DeLong's test of two paired AUCs (pROC ``auc``, ``var``, ``cov``, ``ci.auc``,
+  ``roc.test``), with pROC's ``direction`` convention;
+- ``threshold``: sensitivity, specificity, PPV, NPV and accuracy at a threshold with exact
+  (Clopper-Pearson) intervals, F1, and the threshold that matches a target sensitivity;
+- ``report``: all of them for several scores, overall and per subgroup;
+- ``pooled``: the pooled ROC and AUC of several sites from per-site score histograms, for
+  federated evaluation where no score leaves a site.
+"""
+
+from common.metrics.pooled import (
+    bin_edges,
+    histogram_counts,
+    pooled_auc_from_histograms,
+    pooled_roc_from_histograms,
+)
+from common.metrics.report import (
+    Comparison,
+    GroupReport,
+    ScoreReport,
+    evaluate_by_group,
+    evaluate_scores,
+    operating_thresholds,
+    resolve_directions,
+)
+from common.metrics.roc import (
+    AucCI,
+    DelongTest,
+    Direction,
+    ResolvedDirection,
+    auc_ci,
+    delong_covariance,
+    delong_test,
+    resolve_direction,
+    roc_auc,
+)
+from common.metrics.threshold import (
+    Proportion,
+    SensitivityMatch,
+    ThresholdMetrics,
+    clopper_pearson,
+    threshold_for_sensitivity,
+    threshold_metrics,
+)
+
+__all__ = [
+    "AucCI",
+    "Comparison",
+    "DelongTest",
+    "Direction",
+    "GroupReport",
+    "Proportion",
+    "ResolvedDirection",
+    "ScoreReport",
+    "SensitivityMatch",
+    "ThresholdMetrics",
+    "auc_ci",
+    "bin_edges",
+    "clopper_pearson",
+    "delong_covariance",
+    "delong_test",
+    "evaluate_by_group",
+    "evaluate_scores",
+    "histogram_counts",
+    "operating_thresholds",
+    "pooled_auc_from_histograms",
+    "pooled_roc_from_histograms",
+    "resolve_direction",
+    "resolve_directions",
+    "roc_auc",
+    "threshold_for_sensitivity",
+    "threshold_metrics",
+]

@@ -1,0 +1,499 @@
+"""``busfed metrics``: the WAUVE paper's evaluation of scores in a CSV file.
+
+``metrics_command`` is the command; the top-level ``busfed`` app mounts it as ``metrics``
+and maps the ``BusfedError`` it raises to the documented exit code. ``metrics_app`` wraps
+the same command with that mapping on its own, for running it without ``busfed``.
+
+The CSV is read once here, at the edge: each row's label must be the positive value, the
+negative value (when ``--negative`` is given) or, without ``--negative``, any other
+non-blank value. A row whose score is missing or not a finite number is skipped and
+reported with its line and column, never dropped in silence.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Annotated, Any, cast
+
+import click
+import numpy as np
+import typer
+from rich import box
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from common.errors import BusfedError, DataError, UsageError
+from common.metrics import (
+    Direction,
+    GroupReport,
+    Proportion,
+    ThresholdMetrics,
+    evaluate_by_group,
+    evaluate_scores,
+    operating_thresholds,
+    resolve_directions,
+)
+
+CONF_LEVEL = 0.95
+MAX_SKIPPED_SHOWN = 10
+
+METRICS_HELP = (
+    "AUC with DeLong 95% CI, the operating point (sensitivity, specificity, PPV, NPV, "
+    "accuracy with exact Clopper-Pearson 95% CIs, F1) and DeLong's test between scores, as "
+    "in the WAUVE paper; figures equal pROC's.\n\n"
+    "Rows with a missing or non-numeric score are skipped and listed.\n\n"
+    "Exit codes:\n"
+    "0  success\n"
+    "2  bad usage: conflicting options, a target sensitivity outside (0, 1], or a positive "
+    "value that no row has\n"
+    "3  SCORES.csv unreadable: missing, not UTF-8 CSV, a column missing, or a label that is "
+    "neither positive nor negative"
+)
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row left out of the evaluation: 1-based ``line`` (the header is line 1)."""
+
+    line: int
+    column: str
+    value: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ScoreTable:
+    """The usable rows of a scores file, column by column.
+
+    Attributes
+    ----------
+    labels : bool array [N]
+        True for the positive value.
+    scores : dict of name to float array [N]
+    groups : list of N strings, or None without ``--by``
+    rows_read : int
+        Data rows in the file (the header not counted).
+    skipped : list[SkippedRow]
+        One entry per bad score cell; a row with several appears several times.
+    """
+
+    labels: np.ndarray
+    scores: dict[str, np.ndarray]
+    groups: list[str] | None
+    rows_read: int
+    skipped: list[SkippedRow]
+
+    @property
+    def rows_skipped(self) -> int:
+        return len({row.line for row in self.skipped})
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str | None]]]]:
+    """The header and ``(line, row)`` of each data row; ``DataError`` names file and line."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    rows: list[tuple[int, dict[str, str | None]]] = []
+    line = 1
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            # Spreadsheets often leave blanks around header names.
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
+            for row in reader:
+                line = reader.line_num
+                rows.append((line, row))
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
+    except csv.Error as error:
+        raise DataError(f"{path}, line {line + 1}: not valid CSV ({error})") from error
+    except OSError as error:
+        raise DataError(f"{path}: cannot be read ({error.strerror})") from error
+    if not header:
+        raise DataError(f"{path}: empty file, no header line")
+    return header, rows
+
+
+def load_score_table(
+    path: Path,
+    *,
+    label: str,
+    positive: str,
+    negative: str | None,
+    score_columns: Sequence[str],
+    by: str | None,
+) -> ScoreTable:
+    """Read and check ``path``; see the module docstring for the rules.
+
+    Raises
+    ------
+    DataError
+        The file is missing, empty or not UTF-8 CSV, a named column is absent, or a label
+        is blank or (with ``negative``) neither value.
+    UsageError
+        No row has the positive label (a mistyped ``--positive``).
+    """
+    header, rows = _read_rows(path)
+    missing = [c for c in (label, *score_columns, *([by] if by else [])) if c not in header]
+    if missing:
+        raise DataError(
+            f"{path}, line 1: no column {', '.join(repr(c) for c in missing)} "
+            f"(columns: {', '.join(repr(c) for c in header)})"
+        )
+    if not rows:
+        raise DataError(f"{path}: no data row, only a header")
+    labels: list[bool] = []
+    scores: dict[str, list[float]] = {name: [] for name in score_columns}
+    groups: list[str] = []
+    skipped: list[SkippedRow] = []
+    label_values: set[str] = set()
+    for line, row in rows:
+        value = (row[label] or "").strip()
+        if not value:
+            raise DataError(
+                f"{path}, line {line}, column {label!r}: blank label, neither the positive "
+                f"{positive!r} nor any other value"
+            )
+        if negative is not None and value not in (positive, negative):
+            raise DataError(
+                f"{path}, line {line}, column {label!r}: label {value!r} is neither the "
+                f"positive {positive!r} nor the negative {negative!r}"
+            )
+        label_values.add(value)
+        parsed, bad = _parse_scores(line, row, score_columns)
+        if bad:
+            skipped.extend(bad)
+            continue
+        labels.append(value == positive)
+        for name, number in parsed.items():
+            scores[name].append(number)
+        if by:
+            groups.append((row[by] or "").strip())
+    if positive not in label_values:
+        seen = ", ".join(repr(v) for v in sorted(label_values))
+        raise UsageError(
+            f"--positive {positive!r}: no row of {path} has that value in column {label!r} "
+            f"(values: {seen})"
+        )
+    if not labels:
+        raise DataError(f"{path}: every row was skipped, no score left to evaluate")
+    return ScoreTable(
+        labels=np.array(labels, dtype=bool),
+        scores={name: np.array(values, dtype=float) for name, values in scores.items()},
+        groups=groups if by else None,
+        rows_read=len(rows),
+        skipped=skipped,
+    )
+
+
+def _parse_scores(
+    line: int, row: dict[str, str | None], score_columns: Sequence[str]
+) -> tuple[dict[str, float], list[SkippedRow]]:
+    parsed: dict[str, float] = {}
+    bad: list[SkippedRow] = []
+    for name in score_columns:
+        text = (row[name] or "").strip()
+        if not text:
+            bad.append(SkippedRow(line, name, text, "missing score"))
+            continue
+        try:
+            number = float(text)
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number):
+            bad.append(SkippedRow(line, name, text, "not a finite number"))
+        else:
+            parsed[name] = number
+    return parsed, bad
+
+
+# ---------------------------------------------------------------- output
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no NaN or infinity; an undefined figure is null."""
+    return float(value) if math.isfinite(value) else None
+
+
+def _proportion_json(proportion: Proportion) -> dict[str, Any]:
+    return {
+        "estimate": _finite(proportion.estimate),
+        "ci": [_finite(proportion.ci_low), _finite(proportion.ci_high)],
+        "successes": proportion.successes,
+        "total": proportion.total,
+    }
+
+
+def _operating_point_json(metrics: ThresholdMetrics, direction: str) -> dict[str, Any]:
+    return {
+        "threshold": metrics.threshold,
+        "positive_if": "score >= threshold" if direction == "<" else "score <= threshold",
+        "tp": metrics.tp,
+        "fp": metrics.fp,
+        "tn": metrics.tn,
+        "fn": metrics.fn,
+        "sensitivity": _proportion_json(metrics.sensitivity),
+        "specificity": _proportion_json(metrics.specificity),
+        "ppv": _proportion_json(metrics.ppv),
+        "npv": _proportion_json(metrics.npv),
+        "accuracy": _proportion_json(metrics.accuracy),
+        "f1": _finite(metrics.f1),
+    }
+
+
+def _group_json(report: GroupReport) -> dict[str, Any]:
+    return {
+        "group": report.group,
+        "n_positive": report.n_pos,
+        "n_negative": report.n_neg,
+        "scores": [
+            {
+                "score": score.name,
+                "direction": score.auc.direction,
+                "auc": _finite(score.auc.auc),
+                "auc_ci": [_finite(score.auc.ci_low), _finite(score.auc.ci_high)],
+                "auc_variance": _finite(score.auc.variance),
+                "operating_point": (
+                    _operating_point_json(score.at_threshold, score.auc.direction)
+                    if score.at_threshold
+                    else None
+                ),
+            }
+            for score in report.scores
+        ],
+        "comparisons": [
+            {
+                "score_a": c.score_a,
+                "score_b": c.score_b,
+                "auc_a": _finite(c.test.auc_a),
+                "auc_b": _finite(c.test.auc_b),
+                "difference": _finite(c.test.difference),
+                "difference_ci": [_finite(c.test.ci_low), _finite(c.test.ci_high)],
+                "z": _finite(c.test.z),
+                "p_value": _finite(c.test.p_value),
+            }
+            for c in report.comparisons
+        ],
+    }
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+
+def _percent_cell(proportion: Proportion) -> str:
+    """Estimate, exact interval and counts on three lines, in percent."""
+    if proportion.total == 0:
+        return "n/a\n\n0/0"
+    estimate, low, high = (
+        100 * v for v in (proportion.estimate, proportion.ci_low, proportion.ci_high)
+    )
+    return f"{estimate:.1f}\n{low:.1f}-{high:.1f}\n{proportion.successes}/{proportion.total}"
+
+
+def _group_label(group: str | None) -> str:
+    if group is None:
+        return "all"
+    return group or "(blank)"
+
+
+def _print_tables(console: Console, reports: list[GroupReport], *, by: str | None) -> None:
+    table = Table(
+        title="AUC with DeLong 95% CI; operating point in % with exact 95% CI and counts",
+        box=box.SIMPLE_HEAD,
+        show_lines=True,
+        pad_edge=False,
+    )
+    if by:
+        table.add_column(by)
+    # A narrow terminal folds a figure onto the next line rather than cut it short.
+    for column in ("score", "AUC", "threshold"):
+        table.add_column(column, overflow="fold")
+    for column in ("sens.", "spec.", "PPV", "NPV", "accuracy", "F1"):
+        table.add_column(column, justify="right", overflow="fold")
+    for report in reports:
+        for score in report.scores:
+            auc = score.auc
+            cells = [
+                f"{score.name}\n{report.n_pos} pos\n{report.n_neg} neg",
+                f"{_fmt(auc.auc)}\n{_fmt(auc.ci_low)}-{_fmt(auc.ci_high)}",
+            ]
+            point = score.at_threshold
+            if point is None:
+                cells += [""] * 7
+            else:
+                side = ">=" if auc.direction == "<" else "<="
+                cells.append(f"{side} {point.threshold:.6g}")
+                cells += [
+                    _percent_cell(p)
+                    for p in (point.sensitivity, point.specificity, point.ppv, point.npv)
+                ]
+                cells += [_percent_cell(point.accuracy), _fmt(point.f1)]
+            table.add_row(*([_group_label(report.group)] if by else []), *cells)
+    console.print(table)
+    if any(report.comparisons for report in reports):
+        tests = Table(title="DeLong's test for two correlated ROC curves (two-sided)")
+        if by:
+            tests.add_column(by)
+        for column in ("comparison", "AUC difference (95% CI)", "Z", "p"):
+            tests.add_column(column, justify="left" if column == "comparison" else "right")
+        for report in reports:
+            for c in report.comparisons:
+                t = c.test
+                tests.add_row(
+                    *([_group_label(report.group)] if by else []),
+                    f"{c.score_a} vs {c.score_b}",
+                    f"{_fmt(t.difference)} ({_fmt(t.ci_low)} to {_fmt(t.ci_high)})",
+                    _fmt(t.z, 2),
+                    f"{t.p_value:.3g}" if math.isfinite(t.p_value) else "n/a",
+                )
+        console.print(tests)
+
+
+def _print_skipped(console: Console, table: ScoreTable, path: Path) -> None:
+    console.print(
+        f"{path}: {table.rows_read} rows, {len(table.labels)} used "
+        f"({int(table.labels.sum())} positive, {int((~table.labels).sum())} negative), "
+        f"{table.rows_skipped} skipped",
+        soft_wrap=True,
+    )
+    for row in table.skipped[:MAX_SKIPPED_SHOWN]:
+        console.print(
+            f"  skipped line {row.line}, column {row.column!r}: {row.reason} ({row.value!r})",
+            soft_wrap=True,
+        )
+    if len(table.skipped) > MAX_SKIPPED_SHOWN:
+        console.print(f"  ... and {len(table.skipped) - MAX_SKIPPED_SHOWN} more (see --json)")
+
+
+# ---------------------------------------------------------------- command
+
+
+def metrics_command(
+    scores_csv: Annotated[
+        Path, typer.Argument(metavar="SCORES.csv", help="CSV with a header line.")
+    ],
+    label: Annotated[str, typer.Option(help="Column with the reference outcome.")],
+    positive: Annotated[str, typer.Option(help="Value of --label that marks a positive case.")],
+    score: Annotated[
+        list[str], typer.Option(help="Score column (repeat for several; each pair is tested).")
+    ],
+    negative: Annotated[
+        str | None,
+        typer.Option(
+            help="Value of --label that marks a negative case; any other value is an error. "
+            "Without it every non-blank value other than --positive is negative."
+        ),
+    ] = None,
+    threshold: Annotated[
+        float | None, typer.Option(help="Operating threshold for every score.")
+    ] = None,
+    match_sensitivity: Annotated[
+        float | None,
+        typer.Option(
+            help="Target sensitivity in (0, 1]: each score's operating threshold is the highest "
+            "that reaches it (e.g. the radiologists' sensitivity)."
+        ),
+    ] = None,
+    by: Annotated[str | None, typer.Option(help="Column to report subgroups by.")] = None,
+    direction: Annotated[
+        str,
+        typer.Option(
+            click_type=click.Choice(["<", ">", "auto"]),
+            help="'<': a higher score means positive (a risk score); '>': lower means "
+            "positive; 'auto': chosen per score from the medians, as pROC's default.",
+        ),
+    ] = "<",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+) -> None:
+    """AUC (DeLong), operating-point metrics (Clopper-Pearson) and DeLong tests of scores."""
+    if threshold is not None and match_sensitivity is not None:
+        raise UsageError("give --threshold or --match-sensitivity, not both")
+    if match_sensitivity is not None and not 0 < match_sensitivity <= 1:
+        raise UsageError(f"--match-sensitivity {match_sensitivity}: must be in (0, 1]")
+    if len(set(score)) != len(score):
+        raise UsageError("a --score column is named twice")
+    if label in score or (by is not None and (by in score or by == label)):
+        raise UsageError("--label, --score and --by must name different columns")
+    if threshold is not None and not math.isfinite(threshold):
+        raise UsageError(f"--threshold {threshold}: must be a finite number")
+    table = load_score_table(
+        scores_csv, label=label, positive=positive, negative=negative, score_columns=score, by=by
+    )
+    directions = resolve_directions(table.labels, table.scores, cast(Direction, direction))
+    thresholds = operating_thresholds(
+        table.labels,
+        table.scores,
+        directions=directions,
+        threshold=threshold,
+        match_sensitivity=match_sensitivity,
+    )
+    overall = evaluate_scores(
+        table.labels,
+        table.scores,
+        directions=directions,
+        thresholds=thresholds,
+        conf_level=CONF_LEVEL,
+    )
+    groups = (
+        evaluate_by_group(
+            table.labels,
+            table.scores,
+            table.groups,
+            directions=directions,
+            thresholds=thresholds,
+            conf_level=CONF_LEVEL,
+        )
+        if table.groups is not None
+        else []
+    )
+    if as_json:
+        result = {
+            "file": str(scores_csv),
+            "label": {"column": label, "positive": positive, "negative": negative},
+            "rows": {
+                "read": table.rows_read,
+                "used": len(table.labels),
+                "skipped": table.rows_skipped,
+            },
+            "skipped": [asdict(row) for row in table.skipped],
+            "conf_level": CONF_LEVEL,
+            "operating_point": {
+                "threshold": threshold,
+                "match_sensitivity": match_sensitivity,
+            },
+            "overall": _group_json(overall),
+            "by": ({"column": by, "groups": [_group_json(g) for g in groups]} if by else None),
+        }
+        typer.echo(json.dumps(result, indent=2, allow_nan=False))
+        return
+    console = Console(highlight=False)
+    _print_tables(console, [overall, *groups], by=by)
+    _print_skipped(Console(stderr=True, highlight=False), table, scores_csv)
+
+
+def _exit_codes(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with a ``BusfedError`` turned into its message and exit code."""
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except BusfedError as error:
+            Console(stderr=True).print(
+                f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
+            )
+            raise typer.Exit(code=error.exit_code) from error
+
+    return run
+
+
+metrics_app = typer.Typer(pretty_exceptions_enable=False)
+metrics_app.command(name="metrics", help=METRICS_HELP)(_exit_codes(metrics_command))
