@@ -20,7 +20,7 @@ from common.config import ModelPrivacy, SiteConfig
 from common.data.manifest import load_site
 from common.data.units import SiteUnits, build_units
 from common.errors import BudgetExceeded, PrivacyError
-from common.evaluation import evaluate_bundle
+from common.evaluation import HISTOGRAM_KEY, evaluate_bundle
 from common.models.bundle import (
     ModelBundle,
     build_bundle,
@@ -177,4 +177,8 @@ class SiteClient(NumPyClient):
         units = self._units("val")
         result = evaluate_bundle(bundle, units, device=self.device)
         metrics: dict[str, Scalar] = {"site": self.config.site.name, **result.metrics}
+        if result.histogram is not None:
+            # Counts per score bin, never a single patient's score (Flower metrics are flat).
+            pos, neg = result.histogram
+            metrics[HISTOGRAM_KEY] = json.dumps({"pos": pos, "neg": neg})
         return result.loss, result.n_units, metrics

@@ -9,8 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from common.data.units import SiteUnits
-from common.metrics import roc_auc
+from common.metrics import histogram_counts, roc_auc
 from common.models.bundle import ModelBundle
+
+# Shared grid of the score histograms that sites report instead of individual scores.
+HISTOGRAM_BINS = 1000
+HISTOGRAM_KEY = "patient_score_histogram"  # the metric that carries it, as JSON
 
 
 @dataclass(frozen=True)
@@ -18,21 +22,30 @@ class EvalResult:
     loss: float  # classifier binary cross-entropy per clip
     n_units: int  # patients evaluated
     metrics: dict[str, float]
+    # Patient-level score (mean clip probability) per bin of HISTOGRAM_BINS, split by label.
+    histogram: tuple[list[int], list[int]] | None
 
 
 @torch.no_grad()
 def evaluate_bundle(bundle: ModelBundle, units: SiteUnits, *, device: torch.device) -> EvalResult:
-    """Classifier loss, accuracy and clip-level AUC; detector loss on the same patients.
+    """Classifier loss, accuracy and AUCs; detector loss on the same patients.
+
+    A patient's score is the mean probability of their ground-truth-track clips; the
+    patient-level AUC and a histogram of these scores (for the consortium's pooled AUC:
+    no individual score leaves the site) are returned.
 
     The detector's loss is taken in train mode (Faster R-CNN returns losses only there);
     with GroupNorm nothing in train mode updates state, so this is a pure evaluation.
     """
     classifier = bundle.classifier.to(device).eval()
-    logits, labels = [], []
+    logits, labels, patient_scores, patient_labels = [], [], [], []
     for patient in units.classifier:
         if len(patient.clips):
-            logits.append(classifier(patient.clips.to(device)).float().cpu())
+            z_patient = classifier(patient.clips.to(device)).float().cpu()
+            logits.append(z_patient)
             labels.append(patient.labels.float())
+            patient_scores.append(float(torch.sigmoid(z_patient).mean()))
+            patient_labels.append(int(patient.labels[0] >= 0.5))
     metrics: dict[str, float] = {"val_patients": float(len(units.classifier))}
     loss = float("nan")
     if logits:
@@ -43,8 +56,13 @@ def evaluate_bundle(bundle: ModelBundle, units: SiteUnits, *, device: torch.devi
             classifier_val_loss=loss,
             classifier_val_accuracy=float(np.mean((p >= 0.5) == (y.numpy() >= 0.5))),
             classifier_val_auc=roc_auc(y.numpy(), p),
+            patient_val_auc=roc_auc(np.array(patient_labels), np.array(patient_scores)),
             val_clips=float(len(y)),
         )
+    histogram = None
+    if patient_scores:
+        pos, neg = histogram_counts(patient_labels, patient_scores, HISTOGRAM_BINS)
+        histogram = (pos.tolist(), neg.tolist())
 
     detector = bundle.detector.to(device).train()
     det_losses = []
@@ -57,5 +75,8 @@ def evaluate_bundle(bundle: ModelBundle, units: SiteUnits, *, device: torch.devi
     # NaN does not survive Flower's metric records as a useful number; drop it.
     metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
     return EvalResult(
-        loss=loss if np.isfinite(loss) else 0.0, n_units=len(units.classifier), metrics=metrics
+        loss=loss if np.isfinite(loss) else 0.0,
+        n_units=len(units.classifier),
+        metrics=metrics,
+        histogram=histogram,
     )

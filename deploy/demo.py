@@ -152,7 +152,7 @@ def wait_online(fed: LocalFederation, n: int, *, timeout: float) -> None:
 
 def round_table(rounds: list[dict[str, Any]]) -> Table:
     table = Table(title="federated rounds")
-    for col in ("round", "sites", "det loss", "cls loss", "val AUC", "max ε", "version", "s"):
+    for col in ("round", "sites", "det loss", "cls loss", "pooled val AUC", "max ε", "version", "s"):
         table.add_column(col, justify="right")
     for r in rounds:
         m = r["metrics"]
@@ -165,7 +165,7 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
             f"{len(r['sites'])}" + (f" ({len(r['dropped'])} dropped)" if r["dropped"] else ""),
             fmt("detector_loss"),
             fmt("classifier_loss"),
-            fmt("classifier_val_auc"),
+            fmt("pooled_patient_val_auc"),
             fmt("epsilon_max", ".2f"),
             str(r.get("model_version")),
             fmt("round_seconds", ".0f"),

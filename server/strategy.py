@@ -28,6 +28,8 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
+from common.evaluation import HISTOGRAM_KEY
+from common.metrics import pooled_auc_from_histograms
 from common.models.bundle import ModelBundle, set_weights
 from server.tracking import Tracker
 
@@ -180,7 +182,17 @@ class TrackedFedAvg(FedAvg):
         record = self._pending
         if record is None or record.round != server_round:
             return loss, {}
+        histograms = [
+            (np.array(h["pos"]), np.array(h["neg"]))
+            for _, r in results
+            if isinstance(r.metrics.get(HISTOGRAM_KEY), str)
+            for h in [json.loads(str(r.metrics[HISTOGRAM_KEY]))]
+        ]
+        if histograms and np.isfinite(pooled := pooled_auc_from_histograms(histograms)):
+            # The consortium's AUC over every site's patients, from binned counts only.
+            record.metrics["pooled_patient_val_auc"] = pooled
         keys = {k for _, r in results for k, v in r.metrics.items() if isinstance(v, int | float)}
+        keys |= {"pooled_patient_val_auc"} & set(record.metrics)
         for key in sorted(keys):
             pairs = [
                 (r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics
@@ -190,7 +202,7 @@ class TrackedFedAvg(FedAvg):
         for _, r in results:
             site = str(r.metrics.get("site", "?"))
             record.sites.setdefault(site, {}).update(
-                {f"eval.{k}": v for k, v in r.metrics.items() if k != "site"}
+                {f"eval.{k}": v for k, v in r.metrics.items() if k not in ("site", HISTOGRAM_KEY)}
             )
         eval_metrics = {k: record.metrics[k] for k in keys if k in record.metrics}
         self.tracker.log_metrics(eval_metrics, step=server_round)
