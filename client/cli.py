@@ -6,16 +6,20 @@
 from __future__ import annotations
 
 import json
+import tomllib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from common.config import SiteConfig, render_site_config
 from common.data.manifest import load_site
 from common.errors import BusfedError, UsageError, ValidationFailed
+from common.keys import create_node_keys, create_signing_key, signing_key_paths
 
 site_app = typer.Typer(help="Commands a hospital site runs.", no_args_is_help=True)
 
@@ -80,3 +84,141 @@ def validate(
         console.print(f"{len(site.rows)} rows ok, {len(site.problems)} problems", soft_wrap=True)
     if site.problems:
         raise typer.Exit(code=ValidationFailed.exit_code)
+
+
+INIT_HELP = (
+    "Set up a site in DIR: write DIR/site.toml, the SuperNode authentication key pair and the "
+    "privacy-ledger signing key pair (DIR/keys/).\n\n"
+    "The site states every privacy value; none has a default. The noise multiplier, clip norm "
+    "and sample rate apply to both models (detector and classifier); edit site.toml to set "
+    "them per model. Nothing is overwritten: if site.toml or a key exists, nothing is "
+    "written.\n\n"
+    "Exit codes:\n"
+    "0  site written\n"
+    "2  bad usage: a missing or invalid option, or a file that would be overwritten"
+)
+
+
+@site_app.command(help=INIT_HELP)
+def init(
+    directory: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Site folder (created if missing).")
+    ],
+    name: Annotated[str, typer.Option(help="Site name: letters, digits, '.', '_', '-'.")],
+    data: Annotated[
+        Path, typer.Option(help="Site dataset folder (manifest.csv, boxes.csv, videos).")
+    ],
+    epsilon_budget: Annotated[
+        float, typer.Option(help="Total epsilon at DELTA the site allows over every round.")
+    ],
+    delta: Annotated[float, typer.Option(help="The delta of (epsilon, delta)-DP, per patient.")],
+    noise_multiplier: Annotated[
+        float, typer.Option(help="sigma: Gaussian noise std over the clip norm.")
+    ],
+    max_grad_norm: Annotated[
+        float, typer.Option(help="C: each patient's whole gradient is clipped to this norm.")
+    ],
+    sample_rate: Annotated[
+        float, typer.Option(help="q: Poisson sampling rate of patients per DP-SGD step.")
+    ],
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    threads: Annotated[int, typer.Option(help="CPU threads for training.")] = 1,
+    accountant: Annotated[str, typer.Option(help="rdp | prv")] = "rdp",
+    frame_stride: Annotated[int, typer.Option(help="Detector trains on every n-th frame.")] = 2,
+    max_frames_per_video: Annotated[int, typer.Option()] = 16,
+    max_local_steps: Annotated[
+        int, typer.Option(help="The most DP steps per model per round.")
+    ] = 3,
+) -> None:
+    try:
+        model = {
+            "noise_multiplier": noise_multiplier,
+            "max_grad_norm": max_grad_norm,
+            "sample_rate": sample_rate,
+        }
+        config = _site_config(
+            {
+                "site": {
+                    "name": name,
+                    "data": data.expanduser().resolve(),
+                    "state": Path("state"),
+                    "device": device,
+                    "threads": threads,
+                },
+                "privacy": {
+                    "privacy_unit": "patient",
+                    "epsilon_budget": epsilon_budget,
+                    "delta": delta,
+                    "accountant": accountant,
+                    "require_secure_aggregation": True,
+                    "detector": model,
+                    "classifier": model,
+                },
+                "training": {
+                    "frame_stride": frame_stride,
+                    "max_frames_per_video": max_frames_per_video,
+                    "max_local_steps": max_local_steps,
+                },
+            }
+        )
+        text = render_site_config(config)
+        if SiteConfig.model_validate(tomllib.loads(text)) != config:
+            raise UsageError(f"--data {data}: this path cannot be written to TOML as it is")
+        keys = directory / "keys"
+        node_private, node_public = keys / f"{name}.key", keys / f"{name}.pub"
+        ledger_private, ledger_public = signing_key_paths(keys, site=name)
+        config_path = directory / "site.toml"
+        existing = [
+            path
+            for path in (config_path, node_private, node_public, ledger_private, ledger_public)
+            if path.exists()
+        ]
+        if existing:
+            raise UsageError(
+                "refusing to overwrite: " + ", ".join(map(str, existing)) + " (a replaced key "
+                "orphans the site's enrolment and every ledger entry it signed)"
+            )
+        directory.mkdir(parents=True, exist_ok=True)
+        create_node_keys(keys, site=name)
+        create_signing_key(keys, site=name)
+        with config_path.open("x") as f:
+            f.write(text)
+    except BusfedError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=error.exit_code) from error
+
+    console = Console(highlight=False)
+    console.print(f"Site [bold]{name}[/bold] set up: {config_path}", soft_wrap=True)
+    if not (config.site.data / "manifest.csv").exists():
+        console.print(
+            f"note: {config.site.data} has no manifest.csv yet; run `busfed site validate` on "
+            "it once the export is there.",
+            soft_wrap=True,
+        )
+    console.print(
+        "\n[bold]Send to the consortium[/bold] (public keys):\n"
+        f"  {node_public}  SuperNode key: the consortium enrols it so your SuperNode may "
+        "connect\n"
+        f"  {ledger_public}  ledger key: the auditor verifies your privacy ledger with it\n"
+        "\n[bold]Never send[/bold] (keep them here, readable by the site only, and backed up):\n"
+        f"  {node_private}  SuperNode private key\n"
+        f"  {ledger_private}  signs your privacy ledger; if lost, new entries cannot be signed "
+        "with the enrolled key\n"
+        f"  {config.site.data}  the patients' videos and annotations\n"
+        f"  {directory / 'state'}  the accountant and the ledger (the server receives copies "
+        "of ledger entries, not this folder)",
+        soft_wrap=True,
+    )
+
+
+def _site_config(raw: dict[str, Any]) -> SiteConfig:
+    """Validate init's options as a ``SiteConfig``; errors name the option, not the field."""
+    try:
+        return SiteConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = dict.fromkeys(
+            # detector and classifier share one option: say it once
+            f"--{str(err['loc'][-1]).replace('_', '-')}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise UsageError("invalid site settings:\n" + "\n".join(problems)) from exc

@@ -1,4 +1,4 @@
-"""Consortium PKI: the CA, the SuperLink's TLS certificate, and site key pairs.
+"""Consortium PKI: the CA and the SuperLink's TLS certificate (site key pairs: common.keys).
 
 Written with ``cryptography`` because Flower ships no PKI tooling; what it expects is fixed:
 the SuperLink's certificate needs a SAN for the address sites dial (127.0.0.1 in the demo),
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+# Site key pairs are made by the site itself (`busfed site init`), so they live in common/.
+from common.keys import NodeKeys, create_node_keys, write_private_key
+
+__all__ = ["ConsortiumPKI", "NodeKeys", "create_consortium_pki", "create_node_keys"]
 
 CA_LIFETIME = dt.timedelta(days=5 * 365)
 SERVER_LIFETIME = dt.timedelta(days=365)
@@ -30,22 +34,6 @@ class ConsortiumPKI:
     ca_key: Path
     server_cert: Path
     server_key: Path
-
-
-@dataclass(frozen=True)
-class NodeKeys:
-    """A site's SuperNode authentication key pair (OpenSSH format, ECDSA P-384)."""
-
-    private_key: Path
-    public_key: Path
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Keys are readable by their owner only, from the moment they exist.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -134,27 +122,8 @@ def create_consortium_pki(
     pki.ca_cert.write_bytes(ca_cert.public_bytes(pem))
     pki.server_cert.write_bytes(server_cert.public_bytes(pem))
     for key, path in ((ca_key, pki.ca_key), (server_key, pki.server_key)):
-        _write_private(
+        write_private_key(
             path,
             key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         )
     return pki
-
-
-def create_node_keys(out: Path, *, site: str) -> NodeKeys:
-    """Create a site's SuperNode authentication key pair; the private key never leaves it."""
-    key = ec.generate_private_key(ec.SECP384R1())
-    keys = NodeKeys(private_key=out / f"{site}.key", public_key=out / f"{site}.pub")
-    _write_private(
-        keys.private_key,
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        ),
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    keys.public_key.write_bytes(public + f" {site}\n".encode())
-    return keys

@@ -1,0 +1,129 @@
+"""``busfed site init``: a config the site loads, private keys, no overwrites, no defaults."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from client.cli import site_app
+from common.config import load_site_config
+from common.keys import load_signing_key, load_verify_key
+from common.privacy.ledger import PrivacyLedger
+from server.audit import verify_ledger
+
+runner = CliRunner()
+PRIVACY = {
+    "--epsilon-budget": "8",
+    "--delta": "1e-5",
+    "--noise-multiplier": "1.5",
+    "--max-grad-norm": "1.0",
+    "--sample-rate": "0.3",
+}
+
+
+def init(directory: Path, data: Path, *, drop: str | None = None, **override: str):
+    options = {"--name": "site-a", "--data": str(data), **PRIVACY}
+    options.update({f"--{k.replace('_', '-')}": v for k, v in override.items()})
+    options.pop(drop or "", None)
+    args = ["init", str(directory), *(x for pair in options.items() for x in pair)]
+    return runner.invoke(site_app, args)
+
+
+def test_init_writes_a_config_the_site_loads_and_private_keys(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    result = init(tmp_path / "site", data, threads="2", accountant="prv")
+    assert result.exit_code == 0, result.output
+
+    config = load_site_config(tmp_path / "site" / "site.toml")
+    assert (config.site.name, config.site.data, config.site.threads) == ("site-a", data, 2)
+    assert config.site.state == tmp_path / "site" / "state"
+    privacy = config.privacy
+    assert (privacy.epsilon_budget, privacy.delta, privacy.accountant) == (8.0, 1e-5, "prv")
+    assert privacy.require_secure_aggregation
+    for model in (privacy.detector, privacy.classifier):
+        assert (model.noise_multiplier, model.max_grad_norm, model.sample_rate) == (1.5, 1.0, 0.3)
+    training = config.training
+    assert (training.frame_stride, training.max_frames_per_video, training.max_local_steps) == (
+        2,
+        16,
+        3,
+    )
+
+    keys = tmp_path / "site" / "keys"
+    assert sorted(p.name for p in keys.iterdir()) == [
+        "site-a.key",
+        "site-a.ledger.key",
+        "site-a.ledger.pub",
+        "site-a.pub",
+    ]
+    for private in ("site-a.key", "site-a.ledger.key"):
+        assert stat.S_IMODE((keys / private).stat().st_mode) == 0o600
+    assert (keys / "site-a.pub").read_text().startswith("ecdsa-sha2-nistp384 ")
+    load_verify_key(keys / "site-a.ledger.pub")
+
+    send, never = result.output.split("Never send")
+    assert str(keys / "site-a.pub") in send and str(keys / "site-a.ledger.pub") in send
+    assert str(keys / "site-a.key") in never and str(keys / "site-a.ledger.key") in never
+    assert ".key" not in send.split("Send to the consortium")[1]
+
+
+def test_the_ledger_key_from_init_signs_what_the_auditor_verifies(tmp_path):
+    assert init(tmp_path / "site", tmp_path).exit_code == 0
+    keys = tmp_path / "site" / "keys"
+    ledger = PrivacyLedger(
+        tmp_path / "ledger.jsonl",
+        site="site-a",
+        signing_key=load_signing_key(keys / "site-a.ledger.key"),
+    )
+    ledger.append(
+        run_id="run-1", round=1, model="detector", privacy_unit="patient", n_units=40,
+        sample_rate=0.3, noise_multiplier=1.5, max_grad_norm=1.0, steps=0, delta=1e-5,
+        accountant="rdp", epsilon_round=0.0, epsilon_total=0.0, budget=8.0, status="refused",
+    )  # fmt: skip
+    auditor_keys = tmp_path / "consortium-keys"
+    auditor_keys.mkdir()
+    (auditor_keys / "site-a.ledger.pub").write_bytes((keys / "site-a.ledger.pub").read_bytes())
+    assert verify_ledger(tmp_path / "ledger.jsonl", auditor_keys).ok
+
+
+def test_init_never_overwrites(tmp_path):
+    assert init(tmp_path / "site", tmp_path).exit_code == 0
+    before = {p: p.read_bytes() for p in (tmp_path / "site").rglob("*") if p.is_file()}
+    again = init(tmp_path / "site", tmp_path, epsilon_budget="80")
+    assert again.exit_code == 2
+    assert "refusing to overwrite" in again.output
+    assert {p: p.read_bytes() for p in (tmp_path / "site").rglob("*") if p.is_file()} == before
+
+
+def test_an_existing_key_alone_stops_init_before_it_writes(tmp_path):
+    keys = tmp_path / "site" / "keys"
+    keys.mkdir(parents=True)
+    (keys / "site-a.ledger.key").write_text("the site's old key")
+    result = init(tmp_path / "site", tmp_path)
+    assert result.exit_code == 2
+    assert "site-a.ledger.key" in result.output
+    assert sorted(p.name for p in (tmp_path / "site").rglob("*")) == ["keys", "site-a.ledger.key"]
+
+
+@pytest.mark.parametrize("missing", list(PRIVACY))
+def test_privacy_values_have_no_defaults(tmp_path, missing):
+    result = init(tmp_path / "site", tmp_path, drop=missing)
+    assert result.exit_code == 2
+    assert missing in result.output
+    assert not (tmp_path / "site").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("delta", "2"), ("sample_rate", "0"), ("epsilon_budget", "-1"), ("name", "a b"),
+     ("accountant", "opacus"), ("device", "tpu")],
+)  # fmt: skip
+def test_invalid_values_name_the_option_and_write_nothing(tmp_path, option, value):
+    result = init(tmp_path / "site", tmp_path, **{option: value})
+    assert result.exit_code == 2
+    assert f"--{option.replace('_', '-')}" in result.output
+    assert not (tmp_path / "site").exists()
