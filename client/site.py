@@ -7,6 +7,7 @@ the learning rate.
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 
@@ -21,6 +22,7 @@ from common.data.manifest import load_site
 from common.data.units import SiteUnits, build_units
 from common.errors import BudgetExceeded, PrivacyError
 from common.evaluation import HISTOGRAM_KEY, evaluate_bundle
+from common.keys import load_signing_key, signing_key_paths
 from common.models.bundle import (
     ModelBundle,
     build_bundle,
@@ -29,6 +31,7 @@ from common.models.bundle import (
     weight_names,
 )
 from common.privacy.accountant import SiteAccountant
+from common.privacy.ledger import LEDGER_FILE, LEDGER_METRIC, PrivacyLedger
 
 # SecAgg+ quantizes values in [-CLIPPING_RANGE, CLIPPING_RANGE]; anything outside would be
 # silently clipped in the sum, so the site refuses to send it (it is the only one who can
@@ -106,67 +109,114 @@ class SiteClient(NumPyClient):
             return SiteAccountant.load(self.accountant_path)
         return SiteAccountant(kind=self.config.privacy.accountant)
 
+    def _ledger(self) -> PrivacyLedger:
+        site = self.config.site
+        key_path, _ = signing_key_paths(site.keys, site=site.name)
+        return PrivacyLedger(
+            site.state / LEDGER_FILE, site=site.name, signing_key=load_signing_key(key_path)
+        )
+
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         started = time.perf_counter()
         server_round = int(config.get("round", 0))
+        run_id = str(config.get("run_id", "unknown"))
         privacy = self.config.privacy
         steps = min(self.proposed_steps, self.config.training.max_local_steps)
-        det_dp, cls_dp = _dp(privacy.detector), _dp(privacy.classifier)
+        plans = {"detector": _dp(privacy.detector), "classifier": _dp(privacy.classifier)}
+        self.config.site.state.mkdir(parents=True, exist_ok=True)
+        ledger = self._ledger()
+        if any(
+            e.run_id == run_id and e.round == server_round and e.status == "trained"
+            for e in ledger.entries()
+        ):
+            # A restarted server may ask again; the patients' privacy was spent already.
+            raise PrivacyError(
+                f"site {self.config.site.name} already trained round {server_round} of run "
+                f"{run_id}; it will not spend epsilon on it twice"
+            )
+        units = self._units("train")
+        accountant = self._accountant()
+        record_entry = functools.partial(
+            ledger.append,
+            run_id=run_id,
+            round=server_round,
+            privacy_unit=privacy.privacy_unit,
+            n_units=len(units.detector),
+            delta=privacy.delta,
+            accountant=privacy.accountant,
+            budget=privacy.epsilon_budget,
+        )
 
         # Budget guard first: a round that would take the site past its budget trains nothing.
-        accountant = self._accountant()
         projected = accountant.epsilon_if(
-            privacy.delta,
-            [
-                (det_dp.noise_multiplier, det_dp.sample_rate, steps),
-                (cls_dp.noise_multiplier, cls_dp.sample_rate, steps),
-            ],
+            privacy.delta, [(dp.noise_multiplier, dp.sample_rate, steps) for dp in plans.values()]
         )
         if projected > privacy.epsilon_budget:
             reason = (
                 f"site {self.config.site.name} refuses round {server_round}: epsilon would "
                 f"reach {projected:.3f} > budget {privacy.epsilon_budget} at delta {privacy.delta}"
             )
+            for model, dp in plans.items():
+                record_entry(
+                    model=model, sample_rate=dp.sample_rate,
+                    noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                    steps=0, epsilon_round=0.0, epsilon_total=accountant.epsilon(privacy.delta),
+                    status="refused",
+                )  # fmt: skip
             self.event("fit-refused", round=server_round, reason=reason)
             raise BudgetExceeded(reason)
         self.event("fit-start", round=server_round, steps=steps)
 
         bundle = self._bundle(parameters)
-        units = self._units("train")
         generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
-        records = [
-            train_detector(
-                bundle.detector, units.detector, dp=det_dp, steps=steps, lr=self.lr,
+        records = {
+            "detector": train_detector(
+                bundle.detector, units.detector, dp=plans["detector"], steps=steps, lr=self.lr,
                 device=self.device, generator=generator,
             ),
-            train_classifier(
-                bundle.classifier, units.classifier, dp=cls_dp, steps=steps, lr=self.lr,
-                device=self.device, generator=generator,
+            "classifier": train_classifier(
+                bundle.classifier, units.classifier, dp=plans["classifier"], steps=steps,
+                lr=self.lr, device=self.device, generator=generator,
             ),
-        ]  # fmt: skip
-        for rec in records:
+        }  # fmt: skip
+        entries: list[dict[str, object]] = []
+        losses: dict[str, float] = {}
+        for model, rec in records.items():
+            losses[model] = rec.mean_loss
+            alone = SiteAccountant(privacy.accountant)
+            alone.record(rec.noise_multiplier, rec.sample_rate, rec.steps)
             accountant.record(rec.noise_multiplier, rec.sample_rate, rec.steps)
-        self.config.site.state.mkdir(parents=True, exist_ok=True)
-        accountant.save(self.accountant_path)
+            # The spend is saved before it is logged: a crash between the two overstates,
+            # never understates, what the site has spent.
+            accountant.save(self.accountant_path)
+            entry = record_entry(
+                model=model, sample_rate=rec.sample_rate,
+                noise_multiplier=rec.noise_multiplier, max_grad_norm=rec.max_grad_norm,
+                steps=rec.steps, epsilon_round=alone.epsilon(privacy.delta),
+                epsilon_total=accountant.epsilon(privacy.delta), status="trained",
+            )  # fmt: skip
+            entries.append(entry.model_dump(mode="json"))
 
         weights = get_weights(bundle)
         check_update(weights, weight_names(bundle))
-        det, cls = records
-        self.event("fit-end", round=server_round, epsilon=accountant.epsilon(privacy.delta))
+        epsilon = accountant.epsilon(privacy.delta)
+        self.event("fit-end", round=server_round, epsilon=epsilon)
         metrics: dict[str, Scalar] = {
             "site": self.config.site.name,
-            "epsilon": accountant.epsilon(privacy.delta),
+            "epsilon": epsilon,
             "delta": privacy.delta,
             "epsilon_budget": privacy.epsilon_budget,
             "privacy_unit": privacy.privacy_unit,
             "steps": steps,
             "n_patients": len(units.detector),
-            "detector_loss": det.mean_loss,
-            "classifier_loss": cls.mean_loss,
+            "detector_loss": losses["detector"],
+            "classifier_loss": losses["classifier"],
             "fit_seconds": time.perf_counter() - started,
             "device": str(self.device),
+            # The round's signed ledger entries hold parameters and epsilons, no patient data.
+            LEDGER_METRIC: json.dumps(entries),
         }
         return weights, len(units.detector), metrics
 

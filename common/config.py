@@ -48,6 +48,10 @@ class SiteIdentity(_Strict):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
     data: Path = Field(description="the site dataset folder (manifest.csv, boxes.csv, videos)")
     state: Path = Field(description="where the site keeps its accountant and privacy ledger")
+    keys: Path = Field(
+        default=Path("keys"),
+        description="the site's SuperNode key and privacy-ledger signing key (private)",
+    )
     device: str = Field(description="'auto', 'cpu', 'cuda' or 'cuda:N'")
     threads: int = Field(ge=1, description="CPU threads for training")
 
@@ -88,7 +92,11 @@ def load_site_config(path: Path) -> SiteConfig:
         raise ConfigError("invalid site config:\n" + "\n".join(lines)) from exc
     base = path.parent
     site = config.site.model_copy(
-        update={"data": base / config.site.data, "state": base / config.site.state}
+        update={
+            "data": base / config.site.data,
+            "state": base / config.site.state,
+            "keys": base / config.site.keys,
+        }
     )
     return config.model_copy(update={"site": site})
 
@@ -111,6 +119,7 @@ def render_site_config(config: SiteConfig) -> str:
         f'name = "{s.name}"\n'
         f'data = "{s.data}"  # site dataset: manifest.csv, boxes.csv, videos/\n'
         f'state = "{s.state}"  # privacy accountant and ledger live here; back it up\n'
+        f'keys = "{s.keys}"  # node key and ledger signing key: never leave the site\n'
         f'device = "{s.device}"  # auto | cpu | cuda | cuda:N\n'
         f"threads = {s.threads}  # CPU threads for training\n\n"
         "[privacy]\n"

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
 from deploy.metrics_cli import METRICS_HELP, metrics_command
+from server.audit_cli import audit_app
 
 console = Console()
 err_console = Console(stderr=True)
@@ -28,6 +29,7 @@ app = typer.Typer(
 )
 app.add_typer(site_app, name="site")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
+app.add_typer(audit_app, name="audit")
 
 
 @app.command()

@@ -27,8 +27,11 @@ from common.config import (
 )
 from common.data.synth import generate_site
 from common.errors import FederationError, UsageError
+from common.keys import create_signing_key
+from common.privacy.ledger import LEDGER_FILE
 from deploy.launcher import LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
+from server.audit import verify_ledgers, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
@@ -94,6 +97,11 @@ def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[P
             f"{summary.n_malignant} malignant, {summary.vendor}"
         )
         create_node_keys(site_dir / "keys", site=name)
+        _, ledger_public = create_signing_key(site_dir / "keys", site=name)
+        # The consortium enrols the site's ledger public key (the private key stays home).
+        enrolled = out / "consortium" / "ledger-keys"
+        enrolled.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ledger_public, enrolled / ledger_public.name)
         path = site_dir / "site.toml"
         config = demo_site_config(
             name, site_dir, require_secure_aggregation=settings.secure_aggregation
@@ -152,7 +160,16 @@ def wait_online(fed: LocalFederation, n: int, *, timeout: float) -> None:
 
 def round_table(rounds: list[dict[str, Any]]) -> Table:
     table = Table(title="federated rounds")
-    for col in ("round", "sites", "det loss", "cls loss", "pooled val AUC", "max ε", "version", "s"):
+    for col in (
+        "round",
+        "sites",
+        "det loss",
+        "cls loss",
+        "pooled val AUC",
+        "max ε",
+        "version",
+        "s",
+    ):
         table.add_column(col, justify="right")
     for r in rounds:
         m = r["metrics"]
@@ -213,6 +230,7 @@ def run_demo(
     if not summary_path.exists():
         raise FederationError(f"the ServerApp wrote no {summary_path}")
     summary = json.loads(summary_path.read_text())
+    summary["audit"] = audit(out, configs, summary, console)
     summary["wall_seconds"] = time.monotonic() - started
     summary["flower_run_id"] = run_id
     summary_path.write_text(json.dumps(summary, indent=2))
@@ -260,6 +278,21 @@ def watch_run(
                 fed.flwr("stop", str(run_id), "busfed")
                 raise FederationError(f"run {run_id} did not finish in {settings.timeout_s:.0f} s")
             time.sleep(2)
+
+
+def audit(
+    out: Path, configs: list[Path], summary: dict[str, Any], console: Console
+) -> dict[str, Any]:
+    """What an auditor would do: verify every site's ledger against the enrolled keys,
+    recompute each epsilon independently, and write the HTML report."""
+    ledgers = [path.parent / "state" / LEDGER_FILE for path in configs]
+    result = verify_ledgers(ledgers, out / "consortium" / "ledger-keys")
+    versions = {int(r["round"]): str(r["model_version"]) for r in summary["rounds"]}
+    report_path = out / "audit" / "report.html"
+    write_report(result, report_path, versions=versions)
+    verdict = "[green]verified[/green]" if result.ok else "[red]FAILED[/red]"
+    console.print(f"privacy ledgers: {verdict}; audit report {report_path}")
+    return {"ok": result.ok, "report": str(report_path), "ledgers": [str(p) for p in ledgers]}
 
 
 def report(summary: dict[str, Any], out: Path, console: Console) -> None:

@@ -100,7 +100,10 @@ def main(grid: Grid, context: Context) -> None:
         min_available_clients=min_sites,
         initial_parameters=ndarrays_to_parameters(get_weights(bundle)),
         accept_failures=True,
-        on_fit_config_fn=lambda server_round: {"round": server_round},
+        on_fit_config_fn=lambda server_round: {
+            "round": server_round,
+            "run_id": str(context.run_id),
+        },
         on_evaluate_config_fn=lambda server_round: {"round": server_round},
     )
     legacy = LegacyContext(

@@ -31,6 +31,7 @@ from flwr.server.strategy import FedAvg
 from common.evaluation import HISTOGRAM_KEY
 from common.metrics import pooled_auc_from_histograms
 from common.models.bundle import ModelBundle, set_weights
+from common.privacy.ledger import LEDGER_METRIC
 from server.tracking import Tracker
 
 # Per-site metrics that are averaged into the round's metrics, weighted by patients.
@@ -133,7 +134,14 @@ class TrackedFedAvg(FedAvg):
 
         for _, res in results:
             site = str(res.metrics.get("site", "?"))
-            record.sites[site] = {"n_patients": res.num_examples, **res.metrics}
+            metrics = dict(res.metrics)
+            entries = metrics.pop(LEDGER_METRIC, None)
+            record.sites[site] = {"n_patients": res.num_examples, **metrics}
+            if isinstance(entries, str):
+                # The server's copy of the site's signed ledger entries, for the auditor.
+                self.tracker.log_json(
+                    json.loads(entries), f"ledgers/{site}/round-{server_round:04d}.json"
+                )
         record.metrics["sites_participating"] = float(len(results))
         record.metrics["sites_dropped"] = float(len(record.dropped))
         for key in AVERAGED_FIT:
