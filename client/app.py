@@ -14,10 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from flwr.client import Client, ClientApp
-from flwr.client.mod import secaggplus_mod
 from flwr.common import Context
 
-from client.policy import SITE_CONFIG_KEY, require_secure_aggregation_mod
+from client.policy import SITE_CONFIG_KEY, secure_aggregation_mod
 from common.config import load_site_config
 
 
@@ -28,5 +27,6 @@ def client_fn(context: Context) -> Client:
     return SiteClient(config, dict(context.run_config)).to_client()
 
 
-# The policy mod runs first: a request without SecAgg+ never reaches training.
-app = ClientApp(client_fn=client_fn, mods=[require_secure_aggregation_mod, secaggplus_mod])
+# SecAgg+ through the site's policy: a request without it never reaches training unless
+# the site's config allows it.
+app = ClientApp(client_fn=client_fn, mods=[secure_aggregation_mod])

@@ -286,13 +286,24 @@ def audit(
     """What an auditor would do: verify every site's ledger against the enrolled keys,
     recompute each epsilon independently, and write the HTML report."""
     ledgers = [path.parent / "state" / LEDGER_FILE for path in configs]
+    missing = [p.parent.parent.name for p in ledgers if not p.exists()]
+    if missing:
+        console.print(f"no privacy ledger (never trained): {', '.join(missing)}")
+    ledgers = [p for p in ledgers if p.exists()]
+    if not ledgers:
+        return {"ok": False, "report": None, "ledgers": [], "missing": missing}
     result = verify_ledgers(ledgers, out / "consortium" / "ledger-keys")
     versions = {int(r["round"]): str(r["model_version"]) for r in summary["rounds"]}
     report_path = out / "audit" / "report.html"
     write_report(result, report_path, versions=versions)
     verdict = "[green]verified[/green]" if result.ok else "[red]FAILED[/red]"
     console.print(f"privacy ledgers: {verdict}; audit report {report_path}")
-    return {"ok": result.ok, "report": str(report_path), "ledgers": [str(p) for p in ledgers]}
+    return {
+        "ok": result.ok,
+        "report": str(report_path),
+        "ledgers": [str(p) for p in ledgers],
+        "missing": missing,
+    }
 
 
 def report(summary: dict[str, Any], out: Path, console: Console) -> None:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
-from client.policy import require_secure_aggregation_mod
+from client.policy import secure_aggregation_mod
 from common.config import load_site_config, render_site_config
 from deploy.demo import demo_site_config
 
@@ -37,14 +37,20 @@ def task_identity() -> None:
 
 def train_message(*, secagg: bool) -> Message:
     content = RecordDict({"fitins.config": ConfigRecord({"round": 1})})
-    if secagg:
-        content[RECORD_KEY_CONFIGS] = ConfigRecord({"stage": "setup"})
+    if secagg:  # the first stage of SecAgg+, as SecAggPlusWorkflow sends it
+        content[RECORD_KEY_CONFIGS] = ConfigRecord(
+            {
+                Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 3, Key.SHARE_NUMBER: 3,
+                Key.THRESHOLD: 2, Key.CLIPPING_RANGE: 8.0, Key.TARGET_RANGE: 4194304,
+                Key.MOD_RANGE: 4294967296, Key.MAX_WEIGHT: 1000.0,
+            }
+        )  # fmt: skip
     return Message(content=content, dst_node_id=7, message_type=MessageType.TRAIN)
 
 
 def test_training_without_secagg_is_refused(tmp_path: Path) -> None:
     called: list[Message] = []
-    reply = require_secure_aggregation_mod(
+    reply = secure_aggregation_mod(
         train_message(secagg=False),
         site_context(tmp_path, require=True),
         lambda m, c: called.append(m) or m,
@@ -55,19 +61,24 @@ def test_training_without_secagg_is_refused(tmp_path: Path) -> None:
     assert "secure aggregation" in reply.error.reason
 
 
-def test_training_with_secagg_goes_through(tmp_path: Path) -> None:
-    msg = train_message(secagg=True)
-    reply = require_secure_aggregation_mod(
-        msg, site_context(tmp_path, require=True), lambda m, c: m
+def test_training_with_secagg_runs_the_protocol(tmp_path: Path) -> None:
+    trained: list[Message] = []
+    reply = secure_aggregation_mod(
+        train_message(secagg=True),
+        site_context(tmp_path, require=True),
+        lambda m, c: trained.append(m) or m,
     )
-    assert reply is msg
+    assert not reply.has_error()
+    # The setup stage answers with the site's SecAgg+ public keys; nothing is trained yet.
+    assert {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2} <= set(
+        reply.content.config_records[RECORD_KEY_CONFIGS]
+    )
+    assert trained == []
 
 
 def test_a_site_may_opt_out_explicitly(tmp_path: Path) -> None:
     msg = train_message(secagg=False)
-    reply = require_secure_aggregation_mod(
-        msg, site_context(tmp_path, require=False), lambda m, c: m
-    )
+    reply = secure_aggregation_mod(msg, site_context(tmp_path, require=False), lambda m, c: m)
     assert reply is msg
 
 
