@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
 from deploy.metrics_cli import METRICS_HELP, metrics_command
+from deploy.synth_sheet import sheet_command
 from server.audit_cli import audit_app
 
 console = Console()
@@ -30,6 +31,7 @@ app = typer.Typer(
 app.add_typer(site_app, name="site")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
 app.add_typer(audit_app, name="audit")
+app.command(name="synth-sheet")(sheet_command)
 
 
 @app.command()
@@ -43,6 +45,9 @@ def synth(
     ] = "vendor-a",
     frames: Annotated[int, typer.Option(min=8, help="frames per sweep")] = 32,
     size: Annotated[int, typer.Option(min=32, help="frame side in pixels (even)")] = 128,
+    normal_fraction: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="share of patients with no lesion")
+    ] = 0.15,
 ) -> None:
     """Write a synthetic hospital: MP4 sweeps, manifest.csv and per-frame lesion boxes."""
     from common.data.synth import generate_site
@@ -58,7 +63,7 @@ def synth(
 
         summary = generate_site(
             out, site=site, patients=patients, seed=seed, vendor=vendor, frames=frames,
-            size=size, progress=tick,
+            size=size, normal_fraction=normal_fraction, progress=tick,
         )  # fmt: skip
     console.print(
         f"{summary.site}: {summary.n_patients} patients, {summary.n_videos} videos "

@@ -1,4 +1,6 @@
-"""Synthetic sites: determinism, file contracts, the risk model, and what the frames show."""
+"""Synthetic sites: determinism, file contracts, the risk model, and what the frames show:
+lesions, normal tissue, the burned-in header, ribs, sweep speed and direction, TGC and focus,
+and the contact sheet."""
 
 from __future__ import annotations
 
@@ -8,21 +10,33 @@ from typing import Any
 
 import numpy as np
 import pytest
+import typer
+from PIL import Image
+from typer.testing import CliRunner
 
 from common.data.synth import (
+    BOX_COLUMNS,
+    LESION_COLUMNS,
     LOG_ODDS,
     VENDORS,
     Lesion,
     Psf,
+    Sweep,
     birads_category,
+    fake_identity,
+    focus_beam,
     generate_site,
+    header_band,
     malignancy_probability,
+    receive,
     render_sweep,
     sample_lesion,
     speckle_envelope,
+    speckle_iq,
 )
 from common.data.video import read_video
 from common.errors import UsageError
+from deploy.synth_sheet import sheet_command, write_contact_sheet
 
 SMALL: dict[str, Any] = {"patients": 6, "frames": 16, "size": 64}
 
@@ -135,6 +149,8 @@ def test_videos_hold_the_frames_the_manifest_promises(site: Path) -> None:
 
 def test_labels_agree_with_recorded_features(site: Path) -> None:
     for row, lesion in zip(_rows(site / "manifest.csv"), _rows(site / "lesions.csv"), strict=True):
+        if not lesion["shape"]:  # normal tissue, checked in test_normal_sweeps_...
+            continue
         features = {k: lesion[k] for k in ("shape", "orientation", "margin", "echo", "posterior")}
         p = float(lesion["p_malignant"])
         assert p == pytest.approx(malignancy_probability(**features), abs=1e-6)
@@ -306,3 +322,255 @@ def test_consecutive_frames_share_speckle() -> None:
 
     assert correlation(5, 6) > 0.3
     assert abs(correlation(0, 8)) < 0.1
+
+
+# ------------------------------------------------------------------ normal tissue and files
+
+
+@pytest.fixture(scope="module")
+def mixed_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("synth") / "mixed"
+    generate_site(out, site="site-a", seed=7, vendor="vendor-b", normal_fraction=0.5, **SMALL)
+    return out
+
+
+def test_normal_sweeps_have_no_boxes_and_are_birads_1(mixed_site: Path) -> None:
+    manifest = _rows(mixed_site / "manifest.csv")
+    lesions = _rows(mixed_site / "lesions.csv")
+    boxed = {row["video"] for row in _rows(mixed_site / "boxes.csv")}
+    normal = {row["video"] for row in lesions if not row["shape"]}
+
+    assert normal and len(normal) < len(manifest)
+    assert boxed == {row["video"] for row in manifest} - normal
+    for row, lesion in zip(manifest, lesions, strict=True):
+        if row["video"] in normal:
+            assert (row["label"], row["birads"], row["lesion_size_mm"]) == ("benign", "1", "")
+            assert all(lesion[k] == "" for k in LESION_COLUMNS[1:7])
+        else:
+            assert row["birads"] != "1" and float(row["lesion_size_mm"]) > 0
+
+
+def test_normal_fraction_is_honoured_and_checked(tmp_path: Path) -> None:
+    summary = generate_site(
+        tmp_path / "all", site="n", seed=2, vendor="vendor-c", normal_fraction=1.0, **SMALL
+    )
+
+    assert summary.n_normal == SMALL["patients"] and summary.n_malignant == 0
+    assert (tmp_path / "all" / "boxes.csv").read_text() == ",".join(BOX_COLUMNS) + "\n"
+    with pytest.raises(UsageError, match="normal_fraction"):
+        generate_site(
+            tmp_path / "x", site="n", patients=2, seed=2, vendor="vendor-c", normal_fraction=1.5
+        )
+
+
+def test_lesions_csv_records_each_sweep(mixed_site: Path) -> None:
+    header = (mixed_site / "lesions.csv").read_text().splitlines()[0]
+    assert header == ",".join(LESION_COLUMNS)
+
+    directions: dict[str, list[float]] = {}
+    for row in _rows(mixed_site / "lesions.csv"):
+        assert 0 <= float(row["sweep_direction_deg"]) < 180
+        assert abs(float(row["sweep_skew_deg"])) <= 12
+        assert float(row["sweep_speed_mm_s"]) > 0
+        assert row["rib"] in ("0", "1")
+        patient = row["video"].rsplit("-v", 1)[0]
+        directions.setdefault(patient, []).append(float(row["sweep_direction_deg"]))
+    pairs = [d for d in directions.values() if len(d) == 2]
+    assert pairs
+    # A second sweep takes the orthogonal view.
+    for first, second in pairs:
+        assert abs((second - first) % 180 - 90) < 20
+
+
+# ------------------------------------------------------------------ header band
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_header_band_holds_text_and_boxes_stay_below_it(vendor: str) -> None:
+    preset = VENDORS[vendor]
+    sweep = render_sweep(_lesion(), preset, frames=16, size=128, rng=np.random.default_rng(3))
+    band = sweep.frames[:, : sweep.header_rows]
+
+    assert sweep.header_rows == preset.header_rows(128) >= 22
+    # Text at the vendor's level on black, the same in every frame.
+    assert (band >= preset.header.level - 10).mean() > 0.05
+    assert (band == 0).mean() > 0.5
+    assert (band == band[0]).all()
+    assert sweep.boxes
+    assert all(y1 >= sweep.header_rows for _, y1, _, _ in sweep.boxes.values())
+
+
+def test_header_prints_a_fake_patient_drawn_from_the_seed() -> None:
+    preset = VENDORS["vendor-a"]
+    first, again = (fake_identity(np.random.default_rng(5)) for _ in range(2))
+    other = fake_identity(np.random.default_rng(6))
+
+    assert first == again and first != other
+    assert len(first.patient_id) == 7 and first.last.isalpha() and first.first.isalpha()
+    band = header_band(preset, first, size=256)
+    assert band.shape == (preset.header_rows(256), 256) and band.dtype == np.uint8
+    assert np.array_equal(band, header_band(preset, again, size=256))
+    assert not np.array_equal(band, header_band(preset, other, size=256))
+
+
+def test_site_videos_keep_the_header_and_boxes_below_it(site: Path) -> None:
+    rows = VENDORS["vendor-a"].header_rows(SMALL["size"])
+    video = read_video(site / "videos" / "site-a-p0000-v1.mp4")
+
+    # The codec blurs the text but keeps it bright on black.
+    assert (video[:, :rows] > 180).mean() > 0.03 and (video[:, :rows] < 30).mean() > 0.4
+    assert all(int(box["y1"]) >= rows for box in _rows(site / "boxes.csv"))
+
+
+# ------------------------------------------------------------------ anatomy, sweeps, scanner
+
+
+def _bottom_column_means(sweep: Sweep, t: int, share: float = 0.3) -> np.ndarray:
+    image = sweep.frames[t, sweep.header_rows :].astype(float)
+    return image[int((1 - share) * len(image)) :].mean(axis=0)
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_rib_shadow_darkens_the_region_below_the_rib(vendor: str) -> None:
+    def sweep(rib: bool) -> Sweep:
+        return render_sweep(
+            None, VENDORS[vendor], frames=12, size=64, rng=np.random.default_rng(0), rib=rib
+        )
+
+    with_rib, without = sweep(True), sweep(False)
+
+    assert with_rib.path.rib and not without.path.rib
+    # The darkest columns of the deep field: almost black behind a rib.
+    shadowed = np.percentile(_bottom_column_means(with_rib, 6), 10)
+    assert shadowed < 15
+    assert shadowed < np.percentile(_bottom_column_means(without, 6), 10) - 15
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_faster_sweeps_decorrelate_consecutive_frames(vendor: str) -> None:
+    def correlation(step_mm: float) -> float:
+        sweep = render_sweep(
+            None,
+            VENDORS[vendor],
+            frames=12,
+            size=64,
+            rng=np.random.default_rng(1),
+            step_mm=step_mm,
+            skew_deg=0.0,
+            rib=False,
+        )
+        f = sweep.frames[:, sweep.header_rows :].astype(float)
+        return float(
+            np.mean([np.corrcoef(f[t].ravel(), f[t + 1].ravel())[0, 1] for t in range(11)])
+        )
+
+    slow, medium, fast = (correlation(step) for step in (0.2, 0.6, 1.5))
+    assert slow > medium > fast
+    assert slow - fast > 0.1
+
+
+def test_sweep_direction_changes_the_lesion_cross_section() -> None:
+    # An oval whose elevation axis is 0.73 of its long axis (geometry seed 2).
+    def boxes(direction_deg: float) -> dict[int, tuple[int, int, int, int]]:
+        return render_sweep(
+            _lesion(),
+            VENDORS["vendor-a"],
+            frames=24,
+            size=64,
+            rng=np.random.default_rng(1),
+            geometry_rng=np.random.default_rng(2),
+            direction_deg=direction_deg,
+            step_mm=1.0,
+            skew_deg=0.0,
+            rib=False,
+        ).boxes
+
+    radial, antiradial = boxes(0.0), boxes(90.0)
+
+    # Radial view: the plane holds the long axis, and the probe crosses the short one.
+    assert max(b[2] - b[0] for b in radial.values()) > max(b[2] - b[0] for b in antiradial.values())
+    assert len(radial) < len(antiradial)
+
+
+@pytest.mark.parametrize("vendor", sorted(VENDORS))
+def test_tgc_flattens_the_depth_profile_and_the_focus_sharpens_the_beam(vendor: str) -> None:
+    preset = VENDORS[vendor]
+    rows = 96
+    spacing = preset.depth_mm / rows
+    iq = speckle_iq(
+        np.ones((8, rows, 96), dtype=np.float32),
+        Psf.of(preset, spacing_mm=spacing, step_mm=0.5),
+        np.random.default_rng(0),
+        lateral=False,
+    )
+    looks = focus_beam(iq, preset, spacing_mm=spacing)
+    on, off = (
+        receive(looks, preset, spacing_mm=spacing, rng=np.random.default_rng(1), tgc=tgc).astype(
+            float
+        )
+        for tgc in (True, False)
+    )
+    profile_on, profile_off = on.mean(axis=(0, 2)), off.mean(axis=(0, 2))
+    fifth = rows // 5
+
+    # Uniform tissue: without TGC the image darkens with depth, with it it stays level.
+    assert profile_off[:fifth].mean() - profile_off[-fifth:].mean() > 50
+    assert abs(profile_on[:fifth].mean() - profile_on[-fifth:].mean()) < 25
+    assert profile_on.std() < 0.5 * profile_off.std()
+
+    depth = (np.arange(rows) + 0.5) * spacing
+    focus = preset.focus_fraction * preset.depth_mm
+
+    def band(centre_mm: float) -> np.ndarray:
+        return np.abs(depth - centre_mm) < 2.0
+
+    def lateral_correlation(rows_in: np.ndarray) -> float:
+        a, b = on[:, rows_in, :-2].ravel(), on[:, rows_in, 2:].ravel()
+        return float(np.corrcoef(a, b)[0, 1])
+
+    # Finer lateral speckle at the focus than near the skin or deep down, and a brighter band.
+    at_focus = lateral_correlation(band(focus))
+    assert at_focus < lateral_correlation(band(2.5)) - 0.15
+    assert at_focus < lateral_correlation(band(preset.depth_mm - 2.5)) - 0.15
+    far = focus + 2 * preset.focal_length_mm
+    assert profile_on[band(focus)].mean() > profile_on[band(far)].mean() + 5
+
+
+def test_render_sweep_is_deterministic() -> None:
+    first, again = (
+        render_sweep(None, VENDORS["vendor-c"], frames=8, size=48, rng=np.random.default_rng(4))
+        for _ in range(2)
+    )
+
+    assert np.array_equal(first.frames, again.frames) and first.path == again.path
+
+
+# ------------------------------------------------------------------ contact sheet
+
+
+def test_contact_sheet_writes_a_png_of_the_expected_size(tmp_path: Path) -> None:
+    out = write_contact_sheet(
+        tmp_path / "sheet.png",
+        seed=0,
+        vendors=("vendor-a", "vendor-c"),
+        frames_per_vendor=2,
+        size=64,
+    )
+
+    with Image.open(out) as image:
+        assert image.format == "PNG"
+        # (frames + 1) * (size + 6) + 6 wide, vendors * (size + 50) + 6 high.
+        assert image.size == (3 * 70 + 6, 2 * 114 + 6)
+    with pytest.raises(UsageError, match="unknown vendor"):
+        write_contact_sheet(tmp_path / "x.png", seed=0, vendors=("acme",))
+
+
+def test_sheet_command_writes_the_sheet(tmp_path: Path) -> None:
+    app = typer.Typer()
+    app.command()(sheet_command)
+
+    result = CliRunner().invoke(app, ["--out", str(tmp_path / "s.png"), "--size", "48"])
+
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "s.png") as image:
+        assert image.size == (7 * 54 + 6, 3 * 98 + 6)
