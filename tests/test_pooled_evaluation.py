@@ -60,7 +60,9 @@ def test_pooled_auc_equals_the_exact_auc_over_all_sites(tmp_path: Path) -> None:
     strategy.aggregate_evaluate(1, results, [])
 
     record = strategy.records[-1]
-    exact = roc_auc(np.concatenate([y for _, y, _ in sites]), np.concatenate([s for *_, s in sites]))
+    exact = roc_auc(
+        np.concatenate([y for _, y, _ in sites]), np.concatenate([s for *_, s in sites])
+    )
     mean_of_sites = np.mean([roc_auc(y, s) for _, y, s in sites])
     assert record.metrics["pooled_patient_val_auc"] == pytest.approx(exact, abs=2e-3)
     assert abs(mean_of_sites - exact) > 0.01  # the pooled figure is not the sites' average
