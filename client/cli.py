@@ -222,3 +222,145 @@ def _site_config(raw: dict[str, Any]) -> SiteConfig:
             for err in exc.errors()
         )
         raise UsageError("invalid site settings:\n" + "\n".join(problems)) from exc
+
+
+INGEST_HELP = (
+    "Build the de-identified site dataset OUT from a hospital export SRC: videos (AVI, MP4, "
+    "...) with an annotation CSV, or with --key-frames label folders of images "
+    "(SRC/benign, SRC/malignant, SRC/normal).\n\n"
+    "Annotation CSV columns: file, patient_id, label (benign | malignant) and the optional "
+    "birads, age, lesion_size_mm, vendor, split (blank split: drawn per patient). Box CSV "
+    "(--boxes, default boxes.csv beside the annotations): file, frame, x1, y1, x2, y2 in "
+    "source pixels.\n\n"
+    "Every video is decoded and re-encoded as H.264 without metadata; burned-in text bands "
+    "at the top and bottom of the frames are blacked out; patient ids become keyed hashes "
+    "(HMAC-SHA256 with --secret-file); output names are hashes. SRC is only read. Re-runs "
+    "process only what changed (OUT/.ingest-state.json).\n\n"
+    "Exit codes:\n"
+    "0  dataset written, no file rejected\n"
+    "1  dataset written, some files rejected (each listed with its reason)\n"
+    "2  bad usage: SRC missing, OUT not ingest's, a weak or group-readable secret\n"
+    "3  the annotation or box CSV, or the ingest state, is unreadable"
+)
+
+
+@site_app.command(help=INGEST_HELP)
+def ingest(
+    src: Annotated[Path, typer.Argument(metavar="SRC", help="The hospital's export folder.")],
+    out: Annotated[Path, typer.Option("--out", help="The site dataset folder to write.")],
+    secret_file: Annotated[
+        Path,
+        typer.Option(
+            "--secret-file",
+            help="The site's pseudonymisation secret (>= 16 bytes, mode 0600); keep it "
+            "with the site's keys and never send it.",
+        ),
+    ],
+    annotations: Annotated[
+        Path | None,
+        typer.Option("--annotations", help="Annotation CSV (optional with --key-frames)."),
+    ] = None,
+    boxes: Annotated[
+        Path | None,
+        typer.Option("--boxes", help="Box CSV; default: boxes.csv beside the annotations."),
+    ] = None,
+    key_frames: Annotated[
+        bool,
+        typer.Option(
+            "--key-frames", help="SRC holds label folders of key-frame images, not videos."
+        ),
+    ] = False,
+) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from client.deid import load_secret
+    from client.ingest import ingest as run_ingest
+
+    console = Console(highlight=False)
+    try:
+        secret = load_secret(secret_file)
+        with Progress(
+            "[bold]ingesting", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("files", total=None)
+            report = run_ingest(
+                src,
+                out,
+                secret=secret,
+                annotations=annotations,
+                boxes=boxes,
+                key_frames=key_frames,
+                progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    except BusfedError as error:
+        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=error.exit_code) from error
+
+    if report.rejected:
+        table = Table("file", "reason", title="Rejected files")
+        for rejected in report.rejected:
+            table.add_row(rejected.file, rejected.reason)
+        console.print(table)
+    masked = [mask for mask in report.masks if mask.rows]
+    summary = Table("", "files", title=f"Ingest into {out}", show_header=False)
+    summary.add_row("processed (decoded, de-identified, written)", str(len(report.processed)))
+    summary.add_row("unchanged since the last run", str(report.unchanged))
+    summary.add_row("rejected", str(len(report.rejected)))
+    summary.add_row("outputs removed (source gone or now invalid)", str(report.removed))
+    summary.add_row("videos in the manifest", str(report.videos))
+    summary.add_row(
+        "  with burned-in text blacked out",
+        f"{len(masked)} ({sum(m.frames_with_text for m in masked)} frames showed text; "
+        f"{max((m.rows for m in masked), default=0)} rows per frame at most)",
+    )
+    console.print(summary)
+    for warning in report.warnings:
+        console.print(f"[yellow]warning:[/yellow] {warning}", soft_wrap=True)
+    if report.rejected:
+        raise typer.Exit(code=ValidationFailed.exit_code)
+
+
+DOCTOR_HELP = (
+    "Check that this site is ready for a federated round: Python and pinned packages, GPU, "
+    "free disk at the state folder, the dataset, the keys (mode 0600), the consortium CA "
+    "certificate (default: ca.crt in the keys folder), the SuperLink over TLS "
+    "(--superlink), enrolment (not checked: ask the lead) and the privacy budget left.\n\n"
+    "Each check prints pass, warn, fail or not checked, with the fix.\n\n"
+    "Exit codes:\n"
+    "0  no check failed (warnings allowed)\n"
+    "1  a check failed"
+)
+
+
+@site_app.command(help=DOCTOR_HELP)
+def doctor(
+    config: Annotated[Path, typer.Option("--config", help="The site's site.toml.")],
+    superlink: Annotated[
+        str | None,
+        typer.Option("--superlink", metavar="HOST:PORT", help="The consortium's SuperLink."),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option("--ca", help="Consortium CA certificate; default: <keys>/ca.crt."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the result as JSON instead of a table.")
+    ] = False,
+) -> None:
+    from client.doctor import exit_code, run_checks
+
+    checks = run_checks(config, superlink=superlink, ca=ca)
+    code = exit_code(checks)
+    if as_json:
+        result = {"config": str(config), "ok": code == 0, "checks": [c.to_dict() for c in checks]}
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        colour = {"pass": "green", "warn": "yellow", "fail": "red", "not checked": "dim"}
+        table = Table("check", "status", "found", "fix", title=f"busfed site doctor: {config}")
+        for check in checks:
+            status = f"[{colour[check.status]}]{check.status}[/]"
+            table.add_row(check.name, status, check.detail, check.fix)
+        Console(highlight=False).print(table)
+    if code:
+        raise typer.Exit(code=code)
