@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
 from deploy.metrics_cli import METRICS_HELP, metrics_command
+from deploy.predict_cli import evaluate_command, predict_command
 from deploy.synth_sheet import sheet_command
 from server.audit_cli import audit_app
 
@@ -32,6 +33,8 @@ app.add_typer(site_app, name="site")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
 app.add_typer(audit_app, name="audit")
 app.command(name="synth-sheet")(sheet_command)
+app.command(name="predict")(predict_command)
+app.command(name="evaluate")(evaluate_command)
 
 
 @app.command()

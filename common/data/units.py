@@ -132,14 +132,14 @@ def build_units(
             frames = read_video(site.root / row.video)
             boxes = site.boxes.get(row.video, {})
             picked = _detector_frames(len(frames), frame_stride, max_frames_per_video)
-            images, targets = _detector_samples(
+            images, targets = detector_samples(
                 frames, picked, boxes, preset.detector.image_size, where=row.video
             )
             det.images += images
             det.targets += targets
             boxed = [f for f in sorted(boxes) if f < len(frames)]
             for window in consecutive_windows(boxed, cfg.clip_len):
-                clips.append(_crop_clip(frames, window, [boxes[f] for f in window], cfg.clip_size))
+                clips.append(crop_clip(frames, window, [boxes[f] for f in window], cfg.clip_size))
                 labels.append(1.0 if row.label == "malignant" else 0.0)
         detector_units.append(det)
         shape = (len(clips), 1, cfg.clip_len, cfg.clip_size, cfg.clip_size)
@@ -179,10 +179,15 @@ def _detector_frames(n_frames: int, stride: int, cap: int) -> list[int]:
     return strided.tolist()
 
 
-def _detector_samples(
+def detector_samples(
     frames: np.ndarray, picked: Sequence[int], boxes: dict[int, Box], size: int, *, where: str
 ) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    """Resize the picked frames to ``size`` x ``size`` and rescale their boxes."""
+    """Resize the picked frames to ``size`` x ``size`` and rescale their boxes.
+
+    Frames are ``uint8 [T, H, W]``; each picked frame becomes FloatTensor[3, size, size]
+    in [0, 1] (bilinear, antialiased), with a target as in ``DetectorUnit.targets``.
+    Inference resizes through this too, with no boxes, so both see the same pixels.
+    """
     _, height, width = frames.shape
     batch = torch.from_numpy(frames[picked]).unsqueeze(1).float().div_(255)
     resized = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
@@ -200,13 +205,10 @@ def _detector_samples(
     return images, targets
 
 
-def _crop_clip(
-    frames: np.ndarray, window: Sequence[int], boxes: Sequence[Box], size: int
-) -> Tensor:
-    """Crop one square region, the boxes' union plus margin, from every frame of a window.
+def clip_region(boxes: Sequence[Box]) -> Box:
+    """The square crop region of a clip: the boxes' union plus ``CLIP_MARGIN``, centred.
 
-    Returns FloatTensor[1, T, size, size] in [0, 1]; parts of the crop outside the frame
-    are black.
+    Boxes and region are x1y1x2y2 in video pixels; the region may reach outside the frame.
     """
     x1 = min(b[0] for b in boxes)
     y1 = min(b[1] for b in boxes)
@@ -214,7 +216,16 @@ def _crop_clip(
     y2 = max(b[3] for b in boxes)
     half = max(x2 - x1, y2 - y1) * (0.5 + CLIP_MARGIN)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    region = torch.tensor([cx - half, cy - half, cx + half, cy + half], dtype=torch.float32)
+    return (cx - half, cy - half, cx + half, cy + half)
+
+
+def crop_clip(frames: np.ndarray, window: Sequence[int], boxes: Sequence[Box], size: int) -> Tensor:
+    """Crop one square region, ``clip_region(boxes)``, from every frame of a window.
+
+    Returns FloatTensor[1, T, size, size] in [0, 1]; parts of the crop outside the frame
+    are black.
+    """
+    region = torch.tensor(clip_region(boxes), dtype=torch.float32)
     clip = torch.from_numpy(frames[list(window)]).unsqueeze(1).float().div_(255)
     rois = torch.cat(
         [torch.arange(len(window)).unsqueeze(1).float(), region.expand(len(window), 4)], 1

@@ -95,6 +95,45 @@ def write_video(path: Path, frames: np.ndarray, *, fps: int) -> None:
         container.mux(stream.encode(None))
 
 
+def write_video_rgb(path: Path, frames: np.ndarray, *, fps: int) -> None:
+    """Write colour frames (annotated output for people, not data) as an H.264 MP4.
+
+    Parameters
+    ----------
+    path : Path
+        Output file; its folder must exist. Overwritten if present.
+    frames : np.ndarray
+        ``uint8 [T, H, W, 3]`` RGB, T >= 1, H and W even (yuv420p halves the chroma planes).
+    fps : int
+        Frame rate in frames per second, >= 1.
+
+    Notes
+    -----
+    Converted to yuv420p by FFmpeg's swscale, so colours are subsampled and the luma that
+    ``read_video`` returns is the frames' BT.601 brightness, not any one channel.
+    """
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[3] != 3 or len(frames) == 0:
+        raise ValueError(
+            f"frames must be uint8 [T, H, W, 3] with T >= 1, got {frames.dtype} {frames.shape}"
+        )
+    _, height, width, _ = frames.shape
+    if height % 2 or width % 2:
+        raise ValueError(f"frame height and width must be even for yuv420p, got {height}x{width}")
+    if fps < 1:
+        raise ValueError(f"fps must be >= 1, got {fps}")
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.options = {"crf": "18", "preset": "veryfast"}
+        for index, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")
+            frame.pts = index
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+
+
 def read_video(path: Path) -> np.ndarray:
     """Decode every frame of a video to its luma plane.
 

@@ -1,0 +1,102 @@
+"""Load a saved model version: the folder ``server.tracking.Tracker.register_round`` logs.
+
+The folder holds ``weights.pt`` (``torch.save({"detector": state_dict, "classifier":
+state_dict})``) and ``model.json`` (the model card: at least ``preset`` and ``round``).
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from common.errors import DataError, UsageError
+from common.models.bundle import ModelBundle
+from common.models.detector import build_detector
+from common.models.i3d import build_classifier
+from common.models.presets import get_preset
+
+WEIGHTS = "weights.pt"
+CARD = "model.json"
+REQUIRED_CARD_FIELDS = ("preset", "round")
+
+
+def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
+    """Build the card's preset and load the saved weights into it, on the CPU, in eval mode.
+
+    Parameters
+    ----------
+    path : Path
+        A model version folder.
+
+    Returns
+    -------
+    tuple of ModelBundle and dict
+        The models and the model card as saved.
+
+    Raises
+    ------
+    DataError
+        The folder or a file is missing, unreadable or malformed, the card names an unknown
+        preset, or the weights do not fit the preset; the message names the file.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path}: model folder not found")
+    card = _read_card(path / CARD)
+    try:
+        preset = get_preset(str(card["preset"]))
+    except UsageError as error:
+        raise DataError(f"{path / CARD}: {error}") from None
+    # Built directly, not with build_bundle: that reseeds the global RNG, and the initial
+    # weights are overwritten anyway.
+    bundle = ModelBundle(
+        preset=preset,
+        detector=build_detector(preset.detector),
+        classifier=build_classifier(preset.classifier),
+    )
+    weights = path / WEIGHTS
+    state = _read_weights(weights)
+    for name, model in (("detector", bundle.detector), ("classifier", bundle.classifier)):
+        if name not in state:
+            raise DataError(f"{weights}: no {name!r} state dict")
+        try:
+            model.load_state_dict(state[name])
+        except RuntimeError as error:
+            raise DataError(
+                f"{weights}: the {name} weights do not fit preset {preset.name!r}: {error}"
+            ) from None
+        model.eval()
+    return bundle, card
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: model card not found")
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise DataError(f"{path}: not a readable JSON model card: {error}") from None
+    if not isinstance(card, dict):
+        raise DataError(f"{path}: the model card is not a JSON object")
+    missing = [name for name in REQUIRED_CARD_FIELDS if name not in card]
+    if missing:
+        raise DataError(f"{path}: the model card lacks {', '.join(missing)}")
+    return card
+
+
+def _read_weights(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"{path}: weights not found")
+    try:
+        # weights_only: a model file from elsewhere must not run code when loaded.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
+        raise DataError(f"{path}: not a readable weights file: {error}") from None
+    if not isinstance(state, dict):
+        raise DataError(f"{path}: expected a dict of state dicts, got {type(state).__name__}")
+    return state
