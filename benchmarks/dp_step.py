@@ -12,7 +12,9 @@ For each model and device (CPU, and CUDA when visible) it times, median of ``--r
 * non-DP: one batched forward and backward over every frame / clip of the batch, SGD step;
 * DP: ``train_detector`` / ``train_classifier`` for one step with sample rate 1 (every
   patient drawn), so per-patient gradients, clipping, noise and the SGD step, including
-  the per-call set-up (DPOptimizer, Opacus hooks for the classifier).
+  the per-call set-up (DPOptimizer, Opacus hooks for the classifier);
+* frame-level DP: the same step with every frame (detector) or clip (classifier) its own
+  privacy unit, the weaker guarantee that patient-level DP replaces: same data, same code.
 """
 
 from __future__ import annotations
@@ -59,6 +61,23 @@ def _units(
     return detector_units, classifier_units
 
 
+def _per_item_units(
+    detector_units: list[DetectorUnit], classifier_units: list[ClassifierUnit]
+) -> tuple[list[DetectorUnit], list[ClassifierUnit]]:
+    """The same data with each frame / clip as its own privacy unit (frame-level DP)."""
+    frames = [
+        DetectorUnit(f"{u.patient_id}-f{i}", [image], [target])
+        for u in detector_units
+        for i, (image, target) in enumerate(zip(u.images, u.targets, strict=True))
+    ]
+    clips = [
+        ClassifierUnit(f"{u.patient_id}-c{i}", u.clips[i : i + 1], u.labels[i : i + 1])
+        for u in classifier_units
+        for i in range(len(u.clips))
+    ]
+    return frames, clips
+
+
 def _median_seconds(step: Callable[[], object], device: torch.device, repeats: int) -> float:
     step()  # warm-up: allocator, cuDNN autotuning, lazy inits
     times = []
@@ -92,41 +111,50 @@ def _plain_classifier_step(model, units: list[ClassifierUnit], device: torch.dev
 
 
 def _rows(bundle: ModelBundle, args: argparse.Namespace, device: torch.device) -> list[list[str]]:
-    """Table rows for one device: [device, model, non-DP ms, DP ms, ratio]."""
+    """Table rows for one device: model, non-DP, patient-level and frame-level DP times."""
     detector_units, classifier_units = _units(bundle.preset, args.patients, args.frames, args.clips)
     detector = copy.deepcopy(bundle.detector).to(device).train()
     classifier = copy.deepcopy(bundle.classifier).to(device).train()
     dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
     generator = torch.Generator().manual_seed(0)
+    frame_units, clip_units = _per_item_units(detector_units, classifier_units)
+
+    def detector_dp(units: list[DetectorUnit]) -> Callable[[], object]:
+        return lambda: train_detector(
+            detector, units, dp=dp, steps=1, lr=LR, device=device, generator=generator
+        )
+
+    def classifier_dp(units: list[ClassifierUnit]) -> Callable[[], object]:
+        return lambda: train_classifier(
+            classifier, units, dp=dp, steps=1, lr=LR, device=device, generator=generator
+        )
+
     cases = [
         (
             "detector",
             lambda: _plain_detector_step(detector, detector_units, device),
-            lambda: train_detector(
-                detector, detector_units, dp=dp, steps=1, lr=LR, device=device, generator=generator
-            ),
+            detector_dp(detector_units),
+            detector_dp(frame_units),
         ),
         (
             "classifier",
             lambda: _plain_classifier_step(classifier, classifier_units, device),
-            lambda: train_classifier(
-                classifier,
-                classifier_units,
-                dp=dp,
-                steps=1,
-                lr=LR,
-                device=device,
-                generator=generator,
-            ),
+            classifier_dp(classifier_units),
+            classifier_dp(clip_units),
         ),
     ]
     label = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     rows = []
-    for name, plain, private in cases:
+    for name, plain, patient_level, item_level in cases:
         plain_s = _median_seconds(plain, device, args.repeats)
-        dp_s = _median_seconds(private, device, args.repeats)
-        ratio = dp_s / plain_s
-        rows.append([label, name, f"{plain_s * 1e3:.0f}", f"{dp_s * 1e3:.0f}", f"{ratio:.2f}"])
+        dp_s = _median_seconds(patient_level, device, args.repeats)
+        item_s = _median_seconds(item_level, device, args.repeats)
+        rows.append(
+            [
+                label, name, f"{plain_s * 1e3:.0f}", f"{dp_s * 1e3:.0f}", f"{dp_s / plain_s:.2f}",
+                f"{item_s * 1e3:.0f}", f"{dp_s / item_s:.2f}",
+            ]
+        )  # fmt: skip
     return rows
 
 
@@ -150,7 +178,10 @@ def main() -> None:
     )
     for column in ("device", "model"):
         table.add_column(column)
-    for column in ("non-DP (ms)", "DP (ms)", "DP / non-DP"):
+    for column in (
+        "non-DP (ms)", "patient DP (ms)", "patient DP / non-DP", "frame DP (ms)",
+        "patient DP / frame DP",
+    ):  # fmt: skip
         table.add_column(column, justify="right")
     for device in devices:
         for row in _rows(bundle, args, device):

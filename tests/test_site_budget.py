@@ -1,0 +1,67 @@
+"""The site's own guards around training: its budget, and never spending a round twice."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from client.site import SiteClient
+from common.config import load_site_config, render_site_config
+from common.errors import BudgetExceeded, PrivacyError
+from common.models.bundle import build_bundle, get_weights
+from common.privacy.ledger import LEDGER_FILE
+from deploy.demo import DemoSettings, prepare_sites
+
+RUN_CONFIG = {"preset": "tiny", "local-steps": 1, "learning-rate": 0.05, "seed": 0}
+
+
+@pytest.fixture
+def site_config(tmp_path: Path) -> Path:
+    settings = DemoSettings(sites=3, patients=4, frames=16, size=64)
+    return prepare_sites(tmp_path, settings, Console(quiet=True))[0]
+
+
+def with_budget(path: Path, budget: float) -> Path:
+    config = load_site_config(path)
+    privacy = config.privacy.model_copy(update={"epsilon_budget": budget})
+    site = config.site.model_copy(update={"data": Path("data"), "state": Path("state")})
+    path.write_text(
+        render_site_config(config.model_copy(update={"privacy": privacy, "site": site}))
+    )
+    return path
+
+
+def entries(config_path: Path) -> list[dict[str, object]]:
+    ledger = config_path.parent / "state" / LEDGER_FILE
+    return [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+
+
+def test_an_over_budget_round_is_refused_and_nothing_is_trained(site_config: Path) -> None:
+    path = with_budget(site_config, 1.0)  # one round of the demo's settings costs ~2.2
+    client = SiteClient(load_site_config(path), RUN_CONFIG)
+    weights = get_weights(build_bundle("tiny", seed=0))
+    with pytest.raises(BudgetExceeded, match=r"epsilon would reach .* > budget 1.0"):
+        client.fit(weights, {"round": 1, "run_id": "r1"})
+    state = path.parent / "state"
+    assert not (state / "accountant.json").exists()  # no epsilon spent
+    refused = entries(path)
+    assert [(e["model"], e["status"], e["steps"]) for e in refused] == [
+        ("detector", "refused", 0),
+        ("classifier", "refused", 0),
+    ]
+    assert "fit-start" not in (state / "events.jsonl").read_text()
+
+
+def test_a_round_is_never_trained_twice(site_config: Path) -> None:
+    client = SiteClient(load_site_config(site_config), RUN_CONFIG)
+    weights = get_weights(build_bundle("tiny", seed=0))
+    _, _, metrics = client.fit(weights, {"round": 1, "run_id": "r1"})
+    spent = metrics["epsilon"]
+    with pytest.raises(PrivacyError, match="already trained round 1 of run r1"):
+        client.fit(weights, {"round": 1, "run_id": "r1"})
+    assert len(entries(site_config)) == 2  # detector and classifier, once
+    _, _, again = client.fit(weights, {"round": 2, "run_id": "r1"})
+    assert again["epsilon"] > spent
