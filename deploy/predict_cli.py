@@ -175,8 +175,8 @@ def evaluate_command(
     from common.pipeline.run import run_pipeline
 
     with _exit_codes():
-        if split not in SPLITS:
-            raise UsageError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+        if split != "all" and split not in SPLITS:
+            raise UsageError(f"--split must be one of {', '.join(SPLITS)} or all, got {split!r}")
         _check_out(out)
         config = PipelineConfig(
             boxes_source=boxes.value,
