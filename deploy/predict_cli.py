@@ -159,7 +159,9 @@ def evaluate_command(
         Path, typer.Option("--data", metavar="SITE_DIR", help="Site folder with manifest.csv.")
     ],
     out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the outputs.")],
-    split: Annotated[str, typer.Option(help="Split to score: train, val or test.")] = "test",
+    split: Annotated[
+        str, typer.Option(help="Split to score: train, val, test, or all (a held-out site).")
+    ] = "test",
     boxes: Annotated[
         BoxesSource, typer.Option(help="Lesion boxes from the detector or the ground truth.")
     ] = BoxesSource.detector,
@@ -187,7 +189,7 @@ def evaluate_command(
         # Probing every video validates the boxes against frame counts and sizes; bad rows
         # are skipped and listed in metrics.json.
         site = load_site(data)
-        rows = [row for row in site.rows if row.split == split]
+        rows = [row for row in site.rows if split in ("all", row.split)]
         if not rows:
             raise DataError(f"{data}: no usable video in split {split!r}")
         bundle, model_info = load_model(model, tracking_uri=tracking_uri)
