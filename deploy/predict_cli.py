@@ -287,6 +287,10 @@ def load_model(model: str, *, tracking_uri: str | None) -> tuple[ModelBundle, di
     if model.startswith("models:/"):
         name, _, version = model.removeprefix("models:/").partition("/")
         info.update(name=name, version=version or None)
+    # models:/ URIs resolve through the registry URI, which does not follow the
+    # tracking_uri argument of download_artifacts: point both at the given server.
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
     with tempfile.TemporaryDirectory(prefix="busfed-model-") as tmp:
         try:
             folder = mlflow.artifacts.download_artifacts(
