@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from rich.console import Console
 
@@ -65,3 +66,16 @@ def test_a_round_is_never_trained_twice(site_config: Path) -> None:
     assert len(entries(site_config)) == 2  # detector and classifier, once
     _, _, again = client.fit(weights, {"round": 2, "run_id": "r1"})
     assert again["epsilon"] > spent
+
+
+def test_the_site_refuses_to_send_an_update_it_cannot_vouch_for() -> None:
+    from client.site import check_update
+
+    names = ["detector.a", "classifier.b"]
+    good = [np.zeros(3, np.float32), np.ones(2, np.float32)]
+    check_update(good, names)
+    with pytest.raises(PrivacyError, match=r"classifier\.b has non-finite values"):
+        check_update([good[0], np.array([1.0, np.nan], np.float32)], names)
+    # SecAgg+ would silently clip this inside the masked sum: refused before it is sent.
+    with pytest.raises(PrivacyError, match=r"detector.a reaches 9.*outside SecAgg\+'s range"):
+        check_update([np.array([9.0], np.float32), good[1]], names)
