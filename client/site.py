@@ -78,6 +78,8 @@ class SiteClient(NumPyClient):
         self.proposed_steps = int(run_config["local-steps"])
         self.lr = float(run_config["learning-rate"])
         self.seed = int(run_config.get("seed", 0))
+        self.proposed_noise = float(run_config.get("proposed-noise-multiplier", 0.0))
+        self.proposed_rate = float(run_config.get("proposed-sample-rate", 0.0))
         torch.set_num_threads(config.site.threads)
         self.device = resolve_device(config.site.device)
         self.accountant_path = config.site.state / ACCOUNTANT_FILE
@@ -109,6 +111,26 @@ class SiteClient(NumPyClient):
             return SiteAccountant.load(self.accountant_path)
         return SiteAccountant(kind=self.config.privacy.accountant)
 
+    def check_proposal(self) -> None:
+        """The site's privacy settings win; a server proposal weaker than them is refused.
+
+        Less noise or a higher patient sampling rate than the site's would spend more of its
+        budget per step than the hospital agreed to; stronger proposals change nothing
+        (the site trains with its own values either way).
+        """
+        privacy = self.config.privacy
+        for model in (privacy.detector, privacy.classifier):
+            if 0 < self.proposed_noise < model.noise_multiplier:
+                raise PrivacyError(
+                    f"site {self.config.site.name} refuses: the server proposes noise multiplier "
+                    f"{self.proposed_noise}, weaker than the site's {model.noise_multiplier}"
+                )
+            if self.proposed_rate > model.sample_rate:
+                raise PrivacyError(
+                    f"site {self.config.site.name} refuses: the server proposes sample rate "
+                    f"{self.proposed_rate}, weaker than the site's {model.sample_rate}"
+                )
+
     def _ledger(self) -> PrivacyLedger:
         site = self.config.site
         key_path, _ = signing_key_paths(site.keys, site=site.name)
@@ -124,6 +146,7 @@ class SiteClient(NumPyClient):
         run_id = str(config.get("run_id", "unknown"))
         privacy = self.config.privacy
         steps = min(self.proposed_steps, self.config.training.max_local_steps)
+        self.check_proposal()
         plans = {"detector": _dp(privacy.detector), "classifier": _dp(privacy.classifier)}
         self.config.site.state.mkdir(parents=True, exist_ok=True)
         ledger = self._ledger()

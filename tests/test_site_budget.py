@@ -79,3 +79,19 @@ def test_the_site_refuses_to_send_an_update_it_cannot_vouch_for() -> None:
     # SecAgg+ would silently clip this inside the masked sum: refused before it is sent.
     with pytest.raises(PrivacyError, match=r"detector.a reaches 9.*outside SecAgg\+'s range"):
         check_update([np.array([9.0], np.float32), good[1]], names)
+
+
+def test_a_weaker_server_proposal_is_refused_and_the_site_values_win(site_config: Path) -> None:
+    config = load_site_config(site_config)  # the demo site: sigma 1.5, q 0.3
+    weights = get_weights(build_bundle("tiny", seed=0))
+    weaker = SiteClient(config, {**RUN_CONFIG, "proposed-noise-multiplier": 0.5})
+    with pytest.raises(PrivacyError, match=r"proposes noise multiplier 0\.5, weaker"):
+        weaker.fit(weights, {"round": 1, "run_id": "r1"})
+    greedier = SiteClient(config, {**RUN_CONFIG, "proposed-sample-rate": 0.9})
+    with pytest.raises(PrivacyError, match=r"proposes sample rate 0\.9, weaker"):
+        greedier.fit(weights, {"round": 1, "run_id": "r1"})
+    assert entries(site_config) == []  # nothing trained, nothing spent
+
+    stronger = SiteClient(config, {**RUN_CONFIG, "proposed-noise-multiplier": 3.0})
+    stronger.fit(weights, {"round": 1, "run_id": "r1"})
+    assert [e["noise_multiplier"] for e in entries(site_config)] == [1.5, 1.5]  # the site's
