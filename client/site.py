@@ -30,6 +30,7 @@ from common.models.bundle import (
     set_weights,
     weight_names,
 )
+from common.models.presets import get_preset
 from common.privacy.accountant import SiteAccountant
 from common.privacy.ledger import LEDGER_FILE, LEDGER_METRIC, PrivacyLedger
 
@@ -93,7 +94,7 @@ class SiteClient(NumPyClient):
         site = load_site(self.config.site.data, check_videos=False)
         return build_units(
             site,
-            build_bundle(self.preset, seed=self.seed).preset,
+            get_preset(self.preset),
             split=split,
             frame_stride=self.config.training.frame_stride,
             max_frames_per_video=self.config.training.max_frames_per_video,
