@@ -94,6 +94,9 @@ class TrackedFedAvg(FedAvg):
         self._last_round_end = time.time()
         self._sampled: set[str] = set()
         self._site_of_node: dict[str, str] = {}  # learnt from the sites' own metrics
+        # Every site's latest reported (epsilon, delta): a site that sat a round out still
+        # has its spend tagged on that round's model version.
+        self._epsilon_of_site: dict[str, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ fit
     def configure_fit(
@@ -163,8 +166,11 @@ class TrackedFedAvg(FedAvg):
             "flower_run": self.tracker.run_id,
         }
         for site, values in record.sites.items():
-            tags[f"epsilon.{site}"] = f"{float(values.get('epsilon', float('nan'))):.6f}"
-            tags[f"delta.{site}"] = str(values.get("delta", ""))
+            if "epsilon" in values:
+                self._epsilon_of_site[site] = (float(values["epsilon"]), float(values["delta"]))
+        for site, (epsilon, delta) in sorted(self._epsilon_of_site.items()):
+            tags[f"epsilon.{site}"] = f"{epsilon:.6f}"
+            tags[f"delta.{site}"] = f"{delta:g}"
         version = self.tracker.register_round(self.bundle, server_round=server_round, tags=tags)
         record.model_version = version.version
         log(INFO, "round %s: registered %s version %s", server_round, version.name, version.version)
