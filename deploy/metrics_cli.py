@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import csv
 import functools
+import io
 import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -39,7 +41,9 @@ from common.metrics import (
     evaluate_scores,
     operating_thresholds,
     resolve_directions,
+    roc_curve,
 )
+from deploy.plots import RocLine, write_roc_png
 
 CONF_LEVEL = 0.95
 MAX_SKIPPED_SHOWN = 10
@@ -49,10 +53,15 @@ METRICS_HELP = (
     "accuracy with exact Clopper-Pearson 95% CIs, F1) and DeLong's test between scores, as "
     "in the WAUVE paper; figures equal pROC's.\n\n"
     "Rows with a missing or non-numeric score are skipped and listed.\n\n"
+    "--table prints the layout of the paper's Table 2 instead (one row per score: AUC, and "
+    "at its operating point sensitivity, specificity, accuracy, PPV and NPV with 95% CIs, and "
+    "DeLong's p against the first score); --roc-plot draws every score's ROC curve on one "
+    "PNG with the operating points marked.\n\n"
     "Exit codes:\n"
     "0  success\n"
-    "2  bad usage: conflicting options, a target sensitivity outside (0, 1], or a positive "
-    "value that no row has\n"
+    "2  bad usage: conflicting options, a target sensitivity outside (0, 1], a positive "
+    "value that no row has, --table without an operating point, or a --roc-plot path in a "
+    "missing folder\n"
     "3  SCORES.csv unreadable: missing, not UTF-8 CSV, a column missing, or a label that is "
     "neither positive nor negative"
 )
@@ -373,6 +382,181 @@ def _print_skipped(console: Console, table: ScoreTable, path: Path) -> None:
         console.print(f"  ... and {len(table.skipped) - MAX_SKIPPED_SHOWN} more (see --json)")
 
 
+# ---------------------------------------------------------------- the paper's Table 2
+
+
+class TableFormat(StrEnum):
+    markdown = "markdown"
+    csv = "csv"
+
+
+# The operating-point columns of the WAUVE paper's Table 2, in its order.
+TABLE_MEASURES = ("sensitivity", "specificity", "accuracy", "ppv", "npv")
+TABLE_HEADINGS = {
+    "sensitivity": "Sensitivity",
+    "specificity": "Specificity",
+    "accuracy": "Accuracy",
+    "ppv": "PPV",
+    "npv": "NPV",
+}
+
+
+def comparison_rows(report: GroupReport) -> list[dict[str, Any]]:
+    """Table 2's rows for one set of cases: one per score, in the order given.
+
+    Each row holds the AUC with its DeLong interval, the confusion table and the five
+    proportions (with Clopper-Pearson intervals) at the score's operating threshold, and
+    DeLong's test of its AUC against the first score's (``versus`` and ``delong_p`` are
+    empty and NaN on the first row). The figures are those of ``evaluate_scores``; every
+    score must have a threshold.
+    """
+    first = report.scores[0].name
+    against_first = {c.score_b: c.test for c in report.comparisons if c.score_a == first}
+    rows = []
+    for score in report.scores:
+        point = score.at_threshold
+        if point is None:
+            raise UsageError(f"score {score.name!r} has no operating threshold")
+        row: dict[str, Any] = {
+            "group": report.group,
+            "score": score.name,
+            "n_positive": report.n_pos,
+            "n_negative": report.n_neg,
+            "auc": score.auc.auc,
+            "auc_ci_low": score.auc.ci_low,
+            "auc_ci_high": score.auc.ci_high,
+            "threshold": point.threshold,
+            "positive_if": ">=" if score.auc.direction == "<" else "<=",
+            "tp": point.tp,
+            "fp": point.fp,
+            "tn": point.tn,
+            "fn": point.fn,
+        }
+        for measure in TABLE_MEASURES:
+            proportion: Proportion = getattr(point, measure)
+            row[measure] = proportion.estimate
+            row[f"{measure}_ci_low"] = proportion.ci_low
+            row[f"{measure}_ci_high"] = proportion.ci_high
+        test = against_first.get(score.name)
+        row["versus"] = first if test else ""
+        row["delong_p"] = test.p_value if test else math.nan
+        rows.append(row)
+    return rows
+
+
+def _table_caption(
+    report: GroupReport, *, threshold: float | None, match_sensitivity: float | None
+) -> str:
+    if match_sensitivity is not None:
+        point = (
+            f"each score's highest threshold reaching sensitivity {match_sensitivity:g} on "
+            "these cases"
+        )
+    else:
+        point = f"threshold {threshold:g} for every score"
+    return (
+        f"{report.n_pos} positive and {report.n_neg} negative cases. AUC with DeLong 95% CI; "
+        "sensitivity, specificity, accuracy, PPV and NPV in % with exact (Clopper-Pearson) "
+        f"95% CI and counts, at {point}; P: DeLong's two-sided test of the AUC against "
+        f"{report.scores[0].name}'s."
+    )
+
+
+def _p_cell(p_value: float) -> str:
+    if not math.isfinite(p_value):
+        return "n/a"
+    return "<0.001" if p_value < 0.001 else f"{p_value:.3f}"
+
+
+def _markdown_table(
+    reports: list[GroupReport],
+    *,
+    by: str | None,
+    threshold: float | None,
+    match_sensitivity: float | None,
+) -> str:
+    first = reports[0].scores[0].name
+    headings = [
+        *([by] if by else []),
+        "Score",
+        "AUC (95% CI)",
+        "Threshold",
+        *(f"{TABLE_HEADINGS[m]}, % (95% CI)" for m in TABLE_MEASURES),
+        f"P vs {first}",
+    ]
+    lines = [
+        _table_caption(reports[0], threshold=threshold, match_sensitivity=match_sensitivity),
+        "",
+        "| " + " | ".join(headings) + " |",
+        "|" + "|".join("---" for _ in headings) + "|",
+    ]
+    for report in reports:
+        for score, row in zip(report.scores, comparison_rows(report), strict=True):
+            cells = [
+                *([_group_label(report.group)] if by else []),
+                row["score"],
+                f"{_fmt(row['auc'])} ({_fmt(row['auc_ci_low'])}-{_fmt(row['auc_ci_high'])})",
+                f"{row['positive_if']} {row['threshold']:.6g}",
+                *(_percent_inline(getattr(score.at_threshold, m)) for m in TABLE_MEASURES),
+            ]
+            cells.append(_p_cell(row["delong_p"]) if row["versus"] else "reference")
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _percent_inline(proportion: Proportion) -> str:
+    """``90.2 (76.9-97.3), 37/41``: estimate and exact interval in percent, and counts."""
+    if proportion.total == 0:
+        return "n/a, 0/0"
+    estimate, low, high = (
+        100 * v for v in (proportion.estimate, proportion.ci_low, proportion.ci_high)
+    )
+    return f"{estimate:.1f} ({low:.1f}-{high:.1f}), {proportion.successes}/{proportion.total}"
+
+
+def _csv_table(reports: list[GroupReport], *, by: str | None) -> str:
+    """Every figure of Table 2 at full precision, proportions as fractions; NaN is blank."""
+    rows = [row for report in reports for row in comparison_rows(report)]
+    columns = [c for c in rows[0] if c != "group" or by]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        if by:
+            row["group"] = _group_label(row["group"])
+        writer.writerow(
+            {k: "" if isinstance(v, float) and not math.isfinite(v) else v for k, v in row.items()}
+        )
+    return buffer.getvalue().rstrip("\n")
+
+
+def plot_rocs(
+    path: Path,
+    table: ScoreTable,
+    report: GroupReport,
+    *,
+    directions: dict[str, Any],
+    title: str,
+) -> None:
+    """Every score's ROC curve on one PNG, each operating point marked on its curve."""
+    lines = []
+    for score in report.scores:
+        auc = score.auc
+        point = score.at_threshold
+        lines.append(
+            RocLine(
+                label=f"{score.name}: AUC {_fmt(auc.auc)} ({_fmt(auc.ci_low)}-{_fmt(auc.ci_high)})",
+                curve=roc_curve(
+                    table.labels, table.scores[score.name], direction=directions[score.name]
+                ),
+                point=None
+                if point is None
+                else (1 - point.specificity.estimate, point.sensitivity.estimate),
+            )
+        )
+    write_roc_png(path, lines, title=title, size=5.5)
+
+
 # ---------------------------------------------------------------- command
 
 
@@ -412,10 +596,32 @@ def metrics_command(
         ),
     ] = "<",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")] = False,
+    table_format: Annotated[
+        TableFormat | None,
+        typer.Option(
+            "--table",
+            help="Print the paper's Table 2 layout instead: one row per --score (the first is "
+            "the reference of the DeLong p-values); needs --match-sensitivity or --threshold.",
+        ),
+    ] = None,
+    roc_plot: Annotated[
+        Path | None,
+        typer.Option(
+            "--roc-plot",
+            metavar="FILE.png",
+            help="Also draw every score's ROC curve on one PNG, operating points marked.",
+        ),
+    ] = None,
 ) -> None:
     """AUC (DeLong), operating-point metrics (Clopper-Pearson) and DeLong tests of scores."""
     if threshold is not None and match_sensitivity is not None:
         raise UsageError("give --threshold or --match-sensitivity, not both")
+    if table_format is not None and as_json:
+        raise UsageError("give --table or --json, not both")
+    if table_format is not None and threshold is None and match_sensitivity is None:
+        raise UsageError("--table needs an operating point: --match-sensitivity or --threshold")
+    if roc_plot is not None and not roc_plot.parent.is_dir():
+        raise UsageError(f"--roc-plot {roc_plot}: folder {roc_plot.parent} does not exist")
     if match_sensitivity is not None and not 0 < match_sensitivity <= 1:
         raise UsageError(f"--match-sensitivity {match_sensitivity}: must be in (0, 1]")
     if len(set(score)) != len(score):
@@ -454,6 +660,14 @@ def metrics_command(
         if table.groups is not None
         else []
     )
+    if roc_plot is not None:
+        if match_sensitivity is not None:
+            title = f"operating points: sensitivity >= {match_sensitivity:g}"
+        elif threshold is not None:
+            title = f"operating points: threshold {threshold:g}"
+        else:
+            title = f"{overall.n_pos} positive, {overall.n_neg} negative"
+        plot_rocs(roc_plot, table, overall, directions=directions, title=title)
     if as_json:
         result = {
             "file": str(scores_csv),
@@ -471,12 +685,24 @@ def metrics_command(
             },
             "overall": _group_json(overall),
             "by": ({"column": by, "groups": [_group_json(g) for g in groups]} if by else None),
+            "roc_plot": str(roc_plot) if roc_plot is not None else None,
         }
         typer.echo(json.dumps(result, indent=2, allow_nan=False))
         return
-    console = Console(highlight=False)
-    _print_tables(console, [overall, *groups], by=by)
-    _print_skipped(Console(stderr=True, highlight=False), table, scores_csv)
+    if table_format is TableFormat.markdown:
+        typer.echo(
+            _markdown_table(
+                [overall, *groups], by=by, threshold=threshold, match_sensitivity=match_sensitivity
+            )
+        )
+    elif table_format is TableFormat.csv:
+        typer.echo(_csv_table([overall, *groups], by=by))
+    else:
+        _print_tables(Console(highlight=False), [overall, *groups], by=by)
+    stderr = Console(stderr=True, highlight=False)
+    _print_skipped(stderr, table, scores_csv)
+    if roc_plot is not None:
+        stderr.print(f"ROC curves -> {roc_plot}", soft_wrap=True)
 
 
 def _exit_codes(command: Callable[..., None]) -> Callable[..., None]:

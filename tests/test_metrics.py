@@ -24,6 +24,7 @@ from common.metrics import (
     resolve_direction,
     resolve_directions,
     roc_auc,
+    roc_curve,
     threshold_for_sensitivity,
     threshold_metrics,
 )
@@ -270,6 +271,59 @@ def test_every_pair_of_scores_is_compared():
     assert [(c.score_a, c.score_b) for c in report.comparisons] == [
         ("a", "b"), ("a", "c"), ("b", "c"),
     ]  # fmt: skip
+
+
+# ---------------------------------------------------------------- ROC curve
+
+
+def _brute_force_roc(labels: np.ndarray, scores: np.ndarray) -> set[tuple[float, float, float]]:
+    """(threshold, sensitivity, specificity) for every score and +inf, by counting cases."""
+    points = set()
+    for threshold in [*scores.tolist(), math.inf]:
+        called = scores >= threshold
+        sensitivity = (called & labels).sum() / labels.sum()
+        specificity = (~called & ~labels).sum() / (~labels).sum()
+        points.add((float(threshold), float(sensitivity), float(specificity)))
+    return points
+
+
+@given(cases)
+def test_roc_curve_is_every_threshold_counted_by_brute_force(data):
+    labels, scores = _split(data)
+    assume(_both_classes(labels))
+    curve = roc_curve(labels, scores, direction="<")
+    points = set(
+        zip(
+            curve.thresholds.tolist(),
+            curve.sensitivity.tolist(),
+            curve.specificity.tolist(),
+            strict=True,
+        )
+    )
+    assert points == _brute_force_roc(labels, scores)
+    assert np.all(np.diff(curve.thresholds) > 0)
+    assert np.all(np.diff(curve.sensitivity) <= 0) and np.all(np.diff(curve.specificity) >= 0)
+    assert curve.area() == pytest.approx(roc_auc(labels, scores), abs=1e-12)
+
+
+@given(cases)
+def test_roc_curve_direction_greater_is_less_on_the_negated_score(data):
+    labels, scores = _split(data)
+    assume(_both_classes(labels))
+    greater = roc_curve(labels, scores, direction=">")
+    less = roc_curve(labels, -scores, direction="<")
+    np.testing.assert_array_equal(greater.thresholds, -less.thresholds)
+    np.testing.assert_array_equal(greater.sensitivity, less.sensitivity)
+    np.testing.assert_array_equal(greater.specificity, less.specificity)
+    for threshold, sensitivity in zip(greater.thresholds, greater.sensitivity, strict=True):
+        assert sensitivity == pytest.approx((scores[labels] <= threshold).mean())
+    assert greater.area() == pytest.approx(auc_ci(labels, scores, direction=">").auc, abs=1e-12)
+
+
+def test_roc_curve_of_one_class_is_nan_not_an_error():
+    curve = roc_curve([1, 1], [0.2, 0.4], direction="auto")
+    assert curve.direction == "<" and curve.sensitivity.tolist() == [1.0, 0.5, 0.0]
+    assert np.isnan(curve.specificity).all()
 
 
 # ---------------------------------------------------------------- pooled histograms

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from common.errors import DataError, UsageError
-from deploy.metrics_cli import METRICS_HELP, metrics_app
+from common.metrics import auc_ci, delong_test, threshold_for_sensitivity, threshold_metrics
+from deploy.metrics_cli import METRICS_HELP, TABLE_MEASURES, metrics_app
 
 ASAH = Path("/work/shared/reference/asah.csv")
 needs_asah = pytest.mark.skipif(
@@ -164,6 +168,9 @@ def test_unreadable_files_are_exit_3(tmp_path):
         (["--match-sensitivity", "1.2"], "must be in (0, 1]"),
         (["--score", "model"], "named twice"),
         (["--by", "outcome"], "different columns"),
+        (["--table", "csv"], "needs an operating point"),
+        (["--table", "markdown", "--threshold", "0.5", "--json"], "--table or --json"),
+        (["--roc-plot", "/nonexistent-folder/roc.png"], "does not exist"),
     ],
 )
 def test_conflicting_options_are_exit_2(tmp_path, extra, message):
@@ -191,3 +198,83 @@ def test_help_documents_every_exit_code():
     for code in ("0", "2", "3"):
         assert f"\n{code}  " in METRICS_HELP
     assert "Exit codes" in result.stdout
+
+
+# ---------------------------------------------------------------- Table 2 layout
+
+
+@needs_asah
+def test_table_figures_equal_the_individual_metrics_calls():
+    markers = ("wfns", "s100b", "ndka")
+    result = _run(
+        str(ASAH), "--label", "outcome", "--positive", "Poor",
+        *(arg for m in markers for arg in ("--score", m)),
+        "--match-sensitivity", "0.9", "--table", "csv",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [row["score"] for row in rows] == list(markers)
+    with ASAH.open(newline="") as handle:
+        data = list(csv.DictReader(handle))
+    labels = np.array([r["outcome"] == "Poor" for r in data])
+    for row in rows:
+        scores = np.array([float(r[row["score"]]) for r in data])
+        auc = auc_ci(labels, scores, direction="<")
+        assert [float(row[k]) for k in ("auc", "auc_ci_low", "auc_ci_high")] == [
+            auc.auc, auc.ci_low, auc.ci_high,
+        ]  # fmt: skip
+        match = threshold_for_sensitivity(labels, scores, target=0.9)
+        point = threshold_metrics(labels, scores, threshold=match.threshold)
+        assert float(row["threshold"]) == match.threshold and row["positive_if"] == ">="
+        assert [int(row[k]) for k in ("tp", "fp", "tn", "fn")] == [
+            point.tp, point.fp, point.tn, point.fn,
+        ]  # fmt: skip
+        for measure in TABLE_MEASURES:
+            expected = getattr(point, measure)
+            figures = [float(row[measure + suffix]) for suffix in ("", "_ci_low", "_ci_high")]
+            assert figures == [expected.estimate, expected.ci_low, expected.ci_high]
+        if row["score"] == "wfns":
+            assert row["versus"] == "" and row["delong_p"] == ""
+        else:
+            wfns = np.array([float(r["wfns"]) for r in data])
+            test = delong_test(labels, wfns, scores, direction="<")
+            assert row["versus"] == "wfns" and float(row["delong_p"]) == test.p_value
+    # pROC: roc.test(wfns, s100b) p = 0.0271757822291882; s100b at sensitivity >= 0.9 has
+    # specificity 0.2222 (coords).
+    s100b = rows[1]
+    assert float(s100b["delong_p"]) == pytest.approx(0.0271757822291882, abs=1e-6)
+    assert float(s100b["specificity"]) == pytest.approx(0.22222222222222221, abs=1e-9)
+
+
+def test_markdown_table_has_the_papers_columns(tmp_path):
+    path = _write(tmp_path, SCORES)
+    options = ["--score", "radiologist", "--threshold", "0.5", "--table", "markdown"]
+    result = _run(*_base(path, *options))
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    header = next(line for line in lines if line.startswith("| Score"))
+    assert header == (
+        "| Score | AUC (95% CI) | Threshold | Sensitivity, % (95% CI) | Specificity, % (95% CI) "
+        "| Accuracy, % (95% CI) | PPV, % (95% CI) | NPV, % (95% CI) | P vs model |"
+    )
+    model = next(line for line in lines if line.startswith("| model "))
+    # tp 3, fp 1, tn 3, fn 1 at 0.5 (see test_json_has_every_figure_with_exact_intervals).
+    assert "| 0.812 (" in model and "| >= 0.5 |" in model and "75.0 (19.4-99.4), 3/4" in model
+    assert model.endswith("| reference |")
+    radiologist = next(line for line in lines if line.startswith("| radiologist "))
+    assert radiologist.rsplit("|", 2)[-2].strip().replace(".", "", 1).isdigit()
+
+
+def test_table_by_group_and_the_roc_plot(tmp_path):
+    path = _write(tmp_path, SCORES)
+    png = tmp_path / "roc.png"
+    options = ["--score", "radiologist", "--match-sensitivity", "0.75", "--by", "site"]
+    result = _run(*_base(path, *options, "--table", "csv", "--roc-plot", str(png)))
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [(r["group"], r["score"]) for r in rows] == [
+        ("all", "model"), ("all", "radiologist"), ("A", "model"), ("A", "radiologist"),
+        ("B", "model"), ("B", "radiologist"),
+    ]  # fmt: skip
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"ROC curves -> {png}" in result.stderr

@@ -21,6 +21,7 @@ from common.metrics import (
     evaluate_by_group,
     resolve_directions,
     roc_auc,
+    roc_curve,
     threshold_for_sensitivity,
     threshold_metrics,
 )
@@ -272,3 +273,19 @@ def test_matched_threshold_is_procs_most_specific_point_reaching_the_target(asah
     match = threshold_for_sensitivity(asah["poor"], asah["s100b"], target=target)
     assert match.specificity == pytest.approx(best_specificity, abs=TOL)
     assert match.sensitivity == pytest.approx(best_sensitivity, abs=TOL)
+
+
+def test_roc_curve_is_procs_coords(asah):
+    # wfns takes the values 1..5, so pROC's thresholds are the distinct values themselves.
+    wfns = roc_curve(asah["poor"], asah["wfns"], direction="auto")
+    assert wfns.thresholds.tolist() == PROC_COORDS_WFNS["thresholds"]
+    assert wfns.sensitivity == pytest.approx(PROC_COORDS_WFNS["sensitivities"], abs=TOL)
+    assert wfns.specificity == pytest.approx(PROC_COORDS_WFNS["specificities"], abs=TOL)
+    # s100b: the same points; pROC puts each threshold halfway below the distinct value.
+    s100b = roc_curve(asah["poor"], asah["s100b"], direction="auto")
+    assert s100b.sensitivity == pytest.approx(PROC_COORDS_S100B["sensitivities"], abs=TOL)
+    assert s100b.specificity == pytest.approx(PROC_COORDS_S100B["specificities"], abs=TOL)
+    proc = np.array(PROC_COORDS_S100B["thresholds"])
+    assert np.all(proc[:-1] <= s100b.thresholds[:-1])
+    assert np.all(s100b.thresholds[:-1] < proc[1:])
+    assert s100b.area() == pytest.approx(PROC_AUC["s100b"], abs=TOL)

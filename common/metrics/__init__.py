@@ -1,8 +1,8 @@
 """Evaluation metrics of the WAUVE paper (Han et al., Cancer Imaging 2025), equal to pROC.
 
-- ``roc``: AUC, DeLong's variance and covariance, DeLong confidence interval of an AUC and
-  DeLong's test of two paired AUCs (pROC ``auc``, ``var``, ``cov``, ``ci.auc``,
-  ``roc.test``), with pROC's ``direction`` convention;
+- ``roc``: AUC, the ROC curve, DeLong's variance and covariance, DeLong confidence
+  interval of an AUC and DeLong's test of two paired AUCs (pROC ``auc``, ``coords``,
+  ``var``, ``cov``, ``ci.auc``, ``roc.test``), with pROC's ``direction`` convention;
 - ``threshold``: sensitivity, specificity, PPV, NPV and accuracy at a threshold with exact
   (Clopper-Pearson) intervals, F1, and the threshold that matches a target sensitivity;
 - ``report``: all of them for several scores, overall and per subgroup;
@@ -30,11 +30,14 @@ from common.metrics.roc import (
     DelongTest,
     Direction,
     ResolvedDirection,
+    RocCurve,
     auc_ci,
     delong_covariance,
     delong_test,
     resolve_direction,
     roc_auc,
+    roc_curve,
+    roc_from_counts,
 )
 from common.metrics.threshold import (
     Proportion,
@@ -53,6 +56,7 @@ __all__ = [
     "GroupReport",
     "Proportion",
     "ResolvedDirection",
+    "RocCurve",
     "ScoreReport",
     "SensitivityMatch",
     "ThresholdMetrics",
@@ -70,6 +74,8 @@ __all__ = [
     "resolve_direction",
     "resolve_directions",
     "roc_auc",
+    "roc_curve",
+    "roc_from_counts",
     "threshold_for_sensitivity",
     "threshold_metrics",
 ]

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
 from common.metrics._checks import binary_labels, finite_scores
+from common.metrics.roc import roc_from_counts
 
 Histogram = tuple[NDArray[np.int64], NDArray[np.int64]]
 
@@ -112,12 +113,11 @@ def pooled_roc_from_histograms(
         above are called positive.
     sensitivity, specificity : arrays [B + 1]
         From (1, 0) at threshold 0 to (0, 1) at ``inf``. The trapezoidal area under
-        ``(1 - specificity, sensitivity)`` equals ``pooled_auc_from_histograms``.
+        ``(1 - specificity, sensitivity)`` equals ``pooled_auc_from_histograms``. The bins
+        are the ordered classes of ``common.metrics.roc.roc_from_counts``, as distinct
+        scores are for ``roc_curve``.
     """
     pos, neg = _summed(histograms)
-    n_pos, n_neg = int(pos.sum()), int(neg.sum())
-    true_pos = np.concatenate([np.cumsum(pos[::-1])[::-1], [0]])  # bins >= b
-    true_neg = np.concatenate([[0], np.cumsum(neg)])  # bins < b
     thresholds = np.concatenate([bin_edges(len(pos))[:-1], [np.inf]])
-    with np.errstate(invalid="ignore", divide="ignore"):  # a class absent: NaN, as the AUC
-        return thresholds, true_pos / n_pos, true_neg / n_neg
+    sensitivity, specificity = roc_from_counts(pos, neg)
+    return thresholds, sensitivity, specificity

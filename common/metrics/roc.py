@@ -10,7 +10,9 @@ check against:
   default, ``roc(direction="auto")``). ``"auto"`` mostly turns a score that ranks the
   wrong way round into one above the diagonal, hiding the fault; pass ``"<"`` for a risk
   score.
-- ties between a positive and a negative count one half (the Mann-Whitney statistic).
+- ties between a positive and a negative count one half (the Mann-Whitney statistic);
+- ``roc_curve``: one point per distinct score, as pROC's ``coords``; the trapezoidal area
+  under it is the AUC with that tie rule.
 
 The DeLong variance is computed with the midrank algorithm of Sun & Xu (IEEE Signal
 Processing Letters 21(11), 2014), in O(n log n), equal to DeLong, DeLong & Clarke-Pearson
@@ -45,6 +47,99 @@ def roc_auc(labels: ArrayLike, scores: ArrayLike) -> float:
         return float("nan")
     ranks = rankdata(scores)
     return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def roc_from_counts(
+    pos_counts: ArrayLike, neg_counts: ArrayLike
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Sensitivity and specificity at every cut of ordered score classes.
+
+    The shared core of ``roc_curve`` (one class per distinct score) and
+    ``common.metrics.pooled.pooled_roc_from_histograms`` (one class per bin).
+
+    Parameters
+    ----------
+    pos_counts, neg_counts : int arrays [B]
+        Positives and negatives in each of B classes, ordered from the least to the most
+        suspicious.
+
+    Returns
+    -------
+    sensitivity, specificity : float arrays [B + 1]
+        Entry ``b`` calls the cases of classes ``b`` and above positive: from (1, 0) at
+        ``b = 0`` to (0, 1) at ``b = B``. NaN where a class is absent.
+    """
+    pos = np.asarray(pos_counts, dtype=np.int64)
+    neg = np.asarray(neg_counts, dtype=np.int64)
+    true_pos = np.concatenate([np.cumsum(pos[::-1])[::-1], [0]])  # classes >= b
+    true_neg = np.concatenate([[0], np.cumsum(neg)])  # classes < b
+    with np.errstate(invalid="ignore", divide="ignore"):  # a class absent: NaN, as the AUC
+        return true_pos / int(pos.sum()), true_neg / int(neg.sum())
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """The empirical ROC curve of one score, one point per distinct score value.
+
+    Attributes
+    ----------
+    thresholds : float array [P]
+        Direction ``"<"``: the distinct scores in increasing order, then ``inf``; a case is
+        called positive when ``score >= threshold``. Direction ``">"``: the distinct
+        scores in decreasing order, then ``-inf``; positive when ``score <= threshold``.
+        The points are pROC's ``coords``, whose thresholds are midpoints between the same
+        distinct scores.
+    sensitivity, specificity : float arrays [P]
+        At each threshold: from (1, 0) (every case positive) to (0, 1) (none); NaN when a
+        class is absent.
+    direction : ``"<"`` or ``">"``
+    """
+
+    thresholds: NDArray[np.float64]
+    sensitivity: NDArray[np.float64]
+    specificity: NDArray[np.float64]
+    direction: ResolvedDirection
+
+    @property
+    def false_positive_rate(self) -> NDArray[np.float64]:
+        """``1 - specificity``, the x axis of a ROC plot."""
+        return 1.0 - self.specificity
+
+    def area(self) -> float:
+        """Trapezoidal area under the curve: the AUC with ties counted one half."""
+        fpr, tpr = self.false_positive_rate, self.sensitivity
+        return float(np.sum((fpr[:-1] - fpr[1:]) * (tpr[:-1] + tpr[1:]) / 2))
+
+
+def roc_curve(labels: ArrayLike, scores: ArrayLike, *, direction: Direction) -> RocCurve:
+    """The ROC curve of ``scores``: sensitivity and specificity at every distinct score.
+
+    Parameters
+    ----------
+    labels : array [N]
+        1 = positive, 0 = negative.
+    scores : array [N]
+        Finite scores.
+    direction : ``"<"``, ``">"`` or ``"auto"``
+        As for ``auc_ci``; ``"auto"`` compares the medians as pROC does.
+    """
+    is_pos = binary_labels(labels)
+    values = finite_scores(scores, len(is_pos))
+    resolved = resolve_direction(is_pos, values, direction)
+    # Direction ">" is direction "<" on the negated score (what pROC does).
+    oriented = values if resolved == "<" else -values
+    distinct, index = np.unique(oriented, return_inverse=True)
+    sensitivity, specificity = roc_from_counts(
+        np.bincount(index[is_pos], minlength=len(distinct)),
+        np.bincount(index[~is_pos], minlength=len(distinct)),
+    )
+    thresholds = np.append(distinct, np.inf)
+    return RocCurve(
+        thresholds=thresholds if resolved == "<" else -thresholds,
+        sensitivity=sensitivity,
+        specificity=specificity,
+        direction=resolved,
+    )
 
 
 def resolve_direction(
