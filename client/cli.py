@@ -90,9 +90,10 @@ INIT_HELP = (
     "Set up a site in DIR: write DIR/site.toml, the SuperNode authentication key pair and the "
     "privacy-ledger signing key pair (DIR/keys/).\n\n"
     "The site states every privacy value; none has a default. The noise multiplier, clip norm "
-    "and sample rate apply to both models (detector and classifier); edit site.toml to set "
-    "them per model. Nothing is overwritten: if site.toml or a key exists, nothing is "
-    "written.\n\n"
+    "and sample rate apply to both models (detector and classifier), and with --keyframe to "
+    "the 2D key-frame comparator too (a site of still key frames trains only that one); edit "
+    "site.toml to set them per model. Nothing is overwritten: if site.toml or a key exists, "
+    "nothing is written.\n\n"
     "Exit codes:\n"
     "0  site written\n"
     "2  bad usage: a missing or invalid option, or a file that would be overwritten"
@@ -129,6 +130,14 @@ def init(
     max_local_steps: Annotated[
         int, typer.Option(help="The most DP steps per model per round.")
     ] = 3,
+    keyframe: Annotated[
+        bool,
+        typer.Option(
+            "--keyframe",
+            help="Also let the site train the keyframe2d comparator ([privacy.keyframe], the "
+            "same values).",
+        ),
+    ] = False,
 ) -> None:
     try:
         model = {
@@ -153,6 +162,7 @@ def init(
                     "require_secure_aggregation": True,
                     "detector": model,
                     "classifier": model,
+                    **({"keyframe": model} if keyframe else {}),
                 },
                 "training": {
                     "frame_stride": frame_stride,

@@ -1,12 +1,13 @@
-"""Local patient-level DP-SGD training of the detector and the classifier.
+"""Local patient-level DP-SGD training of the detector, the classifier and the key-frame model.
 
-Both use ``client.dp.run_dp_sgd``; they differ only in how a sampled patient's gradient
+All use ``client.dp.run_dp_sgd``; they differ only in how a sampled patient's gradient
 is computed:
 
 * detector: Opacus cannot give per-sample gradients for Faster R-CNN (its RoI heads see
   one row per RoI, not per image), so each sampled patient gets its own backward pass;
-* classifier: one forward and backward over the sampled patients' clips through Opacus'
-  ``GradSampleModule`` gives per-clip gradients, summed per patient.
+* classifier and key-frame model (``train_per_sample``): one forward and backward over the
+  sampled patients' clips or key-frame crops through Opacus' ``GradSampleModule`` gives
+  per-sample gradients, summed per patient.
 """
 
 from __future__ import annotations
@@ -20,9 +21,17 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 
 from client.dp import DPParams, MechanismRecord, run_dp_sgd
+from common.data.keyframes import KeyFrameUnit
 from common.data.units import ClassifierUnit, DetectorUnit
 
-__all__ = ["DPParams", "MechanismRecord", "train_classifier", "train_detector"]
+__all__ = [
+    "DPParams",
+    "MechanismRecord",
+    "train_classifier",
+    "train_detector",
+    "train_keyframe",
+    "train_per_sample",
+]
 
 
 def train_detector(
@@ -143,34 +152,123 @@ def train_classifier(
     MechanismRecord
         ``n_units`` counts the patients with at least one clip.
     """
-    units = [u for u in units if len(u.clips)]
+    return train_per_sample(
+        "classifier",
+        model,
+        [(u.clips, u.labels) for u in units],
+        dp=dp,
+        steps=steps,
+        lr=lr,
+        device=device,
+        generator=generator,
+        samples_per_pass=clips_per_pass,
+    )
+
+
+def train_keyframe(
+    model: nn.Module,
+    units: list[KeyFrameUnit],
+    *,
+    dp: DPParams,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    generator: torch.Generator,
+    images_per_pass: int = 64,
+) -> MechanismRecord:
+    """Train the key-frame model in place with ``steps`` DP-SGD steps, privacy unit = patient.
+
+    As ``train_classifier``, with a patient's key-frame crops in place of its clips: a
+    patient's loss is the mean binary cross-entropy over its images, and patients without
+    a key frame are left out.
+
+    Parameters
+    ----------
+    model : nn.Module
+        From ``build_keyframe_model``: FloatTensor[B, 3, S, S] -> logits FloatTensor[B].
+    units : list of KeyFrameUnit
+        One per patient.
+    dp, steps, lr, device, generator
+        As for ``train_detector``.
+    images_per_pass : int
+        Images per forward pass; only memory and speed depend on it.
+    """
+    return train_per_sample(
+        "keyframe",
+        model,
+        [(u.images, u.labels) for u in units],
+        dp=dp,
+        steps=steps,
+        lr=lr,
+        device=device,
+        generator=generator,
+        samples_per_pass=images_per_pass,
+    )
+
+
+def train_per_sample(
+    model_name: str,
+    model: nn.Module,
+    units: list[tuple[torch.Tensor, torch.Tensor]],
+    *,
+    dp: DPParams,
+    steps: int,
+    lr: float,
+    device: torch.device,
+    generator: torch.Generator,
+    samples_per_pass: int,
+) -> MechanismRecord:
+    """Patient-level DP-SGD of a one-logit network through Opacus' per-sample gradients.
+
+    One forward and backward pass over the sampled patients' samples through
+    ``GradSampleModule`` ("hooks" mode) gives one gradient per sample; each is weighted by
+    1 / (its patient's sample count) and summed per patient, so a patient's gradient is
+    that of its mean binary cross-entropy. Patients without samples are left out.
+
+    Parameters
+    ----------
+    model_name : str
+        Name for the record and the ledger.
+    model : nn.Module
+        FloatTensor[B, ...] -> logits FloatTensor[B]; moved to ``device``, wrapped for the
+        training and unwrapped at the end (hooks removed, state_dict keys unchanged).
+    units : list of (Tensor, Tensor)
+        Per patient, its samples FloatTensor[K, ...] and labels FloatTensor[K].
+    dp, steps, lr, device, generator
+        As for ``train_detector``.
+    samples_per_pass : int
+        Samples per forward pass; only memory and speed depend on it.
+    """
+    units = [u for u in units if len(u[0])]
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    # "sum": the hooks then return each clip's gradient of the loss as written; with
+    # "sum": the hooks then return each sample's gradient of the loss as written; with
     # "mean" they would multiply by the batch size to undo a mean we do not take.
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
 
     def per_patient_gradients(sampled: list[int]) -> tuple[list[torch.Tensor], list[float]]:
-        # (row of the sampled patient, clip index) for every clip of the sampled patients
-        pieces = [(row, k) for row, i in enumerate(sampled) for k in range(len(units[i].clips))]
+        # (row of the sampled patient, sample index) for every sample of the sampled patients
+        pieces = [(row, k) for row, i in enumerate(sampled) for k in range(len(units[i][0]))]
         rows = [p.new_zeros((len(sampled), *p.shape)) for p in params]
         losses = torch.zeros(len(sampled), device=device)
-        for start in range(0, len(pieces), clips_per_pass):
-            chunk = pieces[start : start + clips_per_pass]
-            clips = torch.stack([units[sampled[r]].clips[k] for r, k in chunk]).to(device)
-            labels = torch.stack([units[sampled[r]].labels[k] for r, k in chunk]).to(device)
+        for start in range(0, len(pieces), samples_per_pass):
+            chunk = pieces[start : start + samples_per_pass]
+            inputs = torch.stack([units[sampled[r]][0][k] for r, k in chunk]).to(device)
+            labels = torch.stack([units[sampled[r]][1][k] for r, k in chunk]).to(device)
             owner = torch.tensor([r for r, _ in chunk], device=device)
             weight = 1.0 / torch.tensor(
-                [len(units[sampled[r]].clips) for r, _ in chunk], device=device
+                [len(units[sampled[r]][0]) for r, _ in chunk], device=device
             )
-            per_clip = F.binary_cross_entropy_with_logits(wrapped(clips), labels, reduction="none")
+            per_sample = F.binary_cross_entropy_with_logits(
+                wrapped(inputs), labels, reduction="none"
+            )
             with warnings.catch_warnings():
                 # The stem's input needs no gradient; torch warns that the hook fires anyway.
                 warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
-                (per_clip * weight).sum().backward()
-            losses.index_add_(0, owner, (per_clip * weight).detach())
+                (per_sample * weight).sum().backward()
+            losses.index_add_(0, owner, (per_sample * weight).detach())
             for p, rows_p in zip(params, rows, strict=True):
-                # Opacus' hooks leave one gradient per clip in p.grad_sample.
+                # Opacus' hooks leave one gradient per sample in p.grad_sample.
                 rows_p.index_add_(0, owner, p.grad_sample)  # type: ignore[attr-defined]
                 p.grad_sample = None  # type: ignore[attr-defined]
                 p.grad = None
@@ -178,7 +276,7 @@ def train_classifier(
 
     try:
         return run_dp_sgd(
-            "classifier",
+            model_name,
             params,
             len(units),
             per_patient_gradients,

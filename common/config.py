@@ -15,6 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import ConfigError
 
+# The networks a site may train, each with its own [privacy.<name>] section.
+NETWORKS = ("detector", "classifier", "keyframe")
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -36,12 +39,41 @@ class SitePrivacy(_Strict):
     require_secure_aggregation: bool
     detector: ModelPrivacy
     classifier: ModelPrivacy
+    # Only a site that trains the 2D key-frame comparator needs it; no default either way.
+    keyframe: ModelPrivacy | None = None
+
+    def of(self, network: str) -> ModelPrivacy:
+        """The DP-SGD settings of ``network`` (``detector``, ``classifier``, ``keyframe``).
+
+        Raises
+        ------
+        ConfigError
+            The site config has no ``[privacy.<network>]`` section: the site has not stated
+            how to train that network, so it must not.
+        """
+        settings = getattr(self, network, None) if network in NETWORKS else None
+        if not isinstance(settings, ModelPrivacy):
+            raise ConfigError(
+                f"the site config has no [privacy.{network}] section (noise_multiplier, "
+                f"max_grad_norm, sample_rate): the site does not train the {network} network"
+            )
+        return settings
 
 
 class SiteTraining(_Strict):
     frame_stride: int = Field(ge=1, description="train the detector on every n-th frame")
     max_frames_per_video: int = Field(ge=1)
     max_local_steps: int = Field(ge=1, description="the most DP steps per model per round")
+    # Not a privacy value: the unit stays the patient whichever boxes cut the clips. It
+    # costs a detector pass over every training video per round, so the site decides it.
+    detector_track_fraction: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="share of classifier training clips cut from the tracks the current "
+        "global detector finds on the training videos (labelled with the video's label); "
+        "the rest from ground-truth boxes. 0: ground truth only, as in the WAUVE paper",
+    )
 
 
 class SiteIdentity(_Strict):
@@ -132,8 +164,11 @@ def render_site_config(config: SiteConfig) -> str:
         + model("detector", p.detector)
         + "\n"
         + model("classifier", p.classifier)
+        + ("\n" + model("keyframe", p.keyframe) if p.keyframe is not None else "")
         + "\n[training]\n"
         f"frame_stride = {t.frame_stride}  # detector trains on every n-th frame\n"
         f"max_frames_per_video = {t.max_frames_per_video}\n"
         f"max_local_steps = {t.max_local_steps}  # the most DP steps per model per round\n"
+        f"detector_track_fraction = {t.detector_track_fraction}"
+        "  # share of classifier clips from the global detector's tracks (0: ground truth)\n"
     )

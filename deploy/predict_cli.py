@@ -33,7 +33,7 @@ from common.pipeline.config import PipelineConfig, PreprocessConfig
 
 if TYPE_CHECKING:
     from common.data.manifest import ManifestRow
-    from common.models.bundle import ModelBundle
+    from common.models.bundle import ModelBundle, WauveBundle
     from common.pipeline.run import VideoResult
 
 # torch, the models and MLflow are imported inside the commands: mounted in ``busfed``, this
@@ -69,7 +69,11 @@ EVALUATE_HELP = (
     "Writes DIR/scores.csv (one row per video), DIR/metrics.json (video-level AUC with "
     "DeLong 95% CI, sensitivity and specificity at the biopsy threshold, videos without a "
     "tracked lesion and how they were handled) and DIR/roc.png. --boxes gt uses the site's "
-    "ground-truth boxes instead of the detector, to measure the classifier alone.\n\n" + EXIT_HELP
+    "ground-truth boxes instead of the detector, to measure the classifier alone.\n\n"
+    "A keyframe2d model (the 2D comparator) reads the annotated boxes and writes "
+    "score_keyframe1 (the key frame: largest box), score_keyframe2 (with the key frame of "
+    "the patient's most orthogonal other sweep) and score_allframes (every annotated frame) "
+    "per video, with metrics per mode.\n\n" + EXIT_HELP
 )
 
 
@@ -135,8 +139,9 @@ def predict_command(
         frames = read_video(video)
         fps = probe_video(video).fps
         bundle, model_info = load_model(model, tracking_uri=tracking_uri)
+        wauve = _wauve(bundle, "busfed predict")
         _to_device(bundle, device)
-        result = run_pipeline(frames, bundle, config)
+        result = run_pipeline(frames, wauve, config)
 
         out.mkdir(parents=True, exist_ok=True)
         report = report_dict(result, video=str(video), model=model_info)
@@ -163,8 +168,20 @@ def evaluate_command(
         str, typer.Option(help="Split to score: train, val, test, or all (a held-out site).")
     ] = "test",
     boxes: Annotated[
-        BoxesSource, typer.Option(help="Lesion boxes from the detector or the ground truth.")
-    ] = BoxesSource.detector,
+        BoxesSource | None,
+        typer.Option(
+            help="Lesion boxes from the detector (WAUVE's default) or the ground truth (the "
+            "only source of a keyframe2d model, which has no detector)."
+        ),
+    ] = None,
+    wauve_scores: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="SCORES_CSV",
+            help="keyframe2d model only: a WAUVE evaluation's scores.csv of the same videos; "
+            "its score is copied in as score_wauve, for busfed metrics' DeLong tests.",
+        ),
+    ] = None,
     tracking_uri: TrackingUriOption = None,
     score_threshold: ScoreThresholdOption = DEFAULTS.score_threshold,
     max_gap: MaxGapOption = DEFAULTS.max_gap,
@@ -174,6 +191,7 @@ def evaluate_command(
     from common.data.manifest import load_site
     from common.data.units import SPLITS
     from common.data.video import read_video
+    from common.models.bundle import KeyFrameBundle
     from common.pipeline.run import run_pipeline
 
     with _exit_codes():
@@ -181,7 +199,7 @@ def evaluate_command(
             raise UsageError(f"--split must be one of {', '.join(SPLITS)} or all, got {split!r}")
         _check_out(out)
         config = PipelineConfig(
-            boxes_source=boxes.value,
+            boxes_source=(boxes or BoxesSource.detector).value,
             score_threshold=score_threshold,
             max_gap=max_gap,
             preprocess=PreprocessConfig() if preprocess else None,
@@ -194,6 +212,26 @@ def evaluate_command(
             raise DataError(f"{data}: no usable video in split {split!r}")
         bundle, model_info = load_model(model, tracking_uri=tracking_uri)
         _to_device(bundle, device)
+        if isinstance(bundle, KeyFrameBundle):
+            if boxes is BoxesSource.detector:
+                raise UsageError(
+                    "a keyframe2d model has no detector: it reads the site's annotated boxes "
+                    "(--boxes gt, the default for it)"
+                )
+            from deploy.keyframe_eval import evaluate_key_frames
+
+            summary = evaluate_key_frames(
+                bundle, site, rows, out=out,
+                threshold=float(np.nextafter(config.birads.category_3_max, 1.0)),
+                preprocess=config.preprocess, wauve_scores=wauve_scores,
+                info={"model": model_info, "data": str(data), "split": split},
+                console=console,
+            )  # fmt: skip
+            console.print(summary, soft_wrap=True)
+            return
+        if wauve_scores is not None:
+            raise UsageError("--wauve-scores is for a keyframe2d model; MODEL is WAUVE")
+        wauve = _wauve(bundle, "busfed evaluate")
 
         records: list[dict[str, Any]] = []
         failures: list[dict[str, str]] = []
@@ -211,9 +249,7 @@ def evaluate_command(
                     failures.append({"video": row.video, "error": str(error)})
                     progress.advance(task)
                     continue
-                result = run_pipeline(
-                    frames, bundle, config, gt_boxes=site.boxes.get(row.video, {})
-                )
+                result = run_pipeline(frames, wauve, config, gt_boxes=site.boxes.get(row.video, {}))
                 records.append(_score_row(row, result))
                 progress.advance(task)
 
@@ -323,11 +359,21 @@ def _to_device(bundle: ModelBundle, device: str) -> None:
     import torch
 
     try:
-        target = torch.device(device)
-        bundle.detector.to(target)
-        bundle.classifier.to(target)
+        bundle.to(torch.device(device))
     except (RuntimeError, AssertionError) as error:
         raise UsageError(f"--device {device}: {error}") from None
+
+
+def _wauve(bundle: ModelBundle, command: str) -> WauveBundle:
+    """The bundle as WAUVE's; ``UsageError`` for another model kind."""
+    from common.models.bundle import WauveBundle
+
+    if not isinstance(bundle, WauveBundle):
+        raise UsageError(
+            f"{command} runs the WAUVE video pipeline, and MODEL is a {bundle.kind} model "
+            "(busfed evaluate scores a keyframe2d model on a site's annotated videos)"
+        )
+    return bundle
 
 
 def _verdict(result: VideoResult) -> str:
@@ -427,39 +473,19 @@ def _discrimination(labels: np.ndarray, scores: np.ndarray, *, threshold: float)
     return block
 
 
-def _roc_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """False and true positive rates at every distinct threshold, from (0, 0) to (1, 1)."""
-    order = np.argsort(-scores, kind="stable")
-    ranked, hits = scores[order], labels[order]
-    # One point per distinct score: tied cases enter together.
-    last = np.r_[np.flatnonzero(np.diff(ranked)), len(ranked) - 1]
-    tps, fps = np.cumsum(hits)[last], np.cumsum(~hits)[last]
-    return np.r_[0.0, fps / max(1, (~labels).sum())], np.r_[0.0, tps / max(1, labels.sum())]
-
-
 def _plot_roc(path: Path, records: list[dict[str, Any]], metrics: dict[str, Any]) -> None:
-    import matplotlib
+    from common.metrics import roc_curve
+    from deploy.plots import RocLine, write_roc_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, ax = plt.subplots(figsize=(4.5, 4.5), layout="constrained")
-    ax.plot([0, 1], [0, 1], ls=":", c="grey", lw=1)
     tracked = [r for r in records if not r["no_lesion_tracked"]]
     block = metrics["video_level"]
+    lines = []
     if block["auc"] is not None:
         labels = np.array([r["label"] == "malignant" for r in tracked], dtype=bool)
-        fpr, tpr = _roc_points(labels, np.array([r["score"] for r in tracked], dtype=float))
         legend = f"AUC {block['auc']:.3f}"
         if block["auc_ci95"] is not None:
             legend += " (95% CI {:.3f}-{:.3f})".format(*block["auc_ci95"])
-        ax.plot(fpr, tpr, lw=1.5, label=legend)
-        ax.legend(loc="lower right", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "AUC undefined: one class only", ha="center")
-    ax.set(
-        xlabel="1 - specificity", ylabel="sensitivity", xlim=(0, 1), ylim=(0, 1),
-        title=f"{len(tracked)} videos ({metrics['n_no_lesion_tracked']} untracked excluded)",
-    )  # fmt: skip
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        scores = np.array([r["score"] for r in tracked], dtype=float)
+        lines.append(RocLine(legend, roc_curve(labels, scores, direction="<")))
+    title = f"{len(tracked)} videos ({metrics['n_no_lesion_tracked']} untracked excluded)"
+    write_roc_png(path, lines, title=title)

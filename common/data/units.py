@@ -2,12 +2,17 @@
 
 The privacy unit is the patient: DP-SGD samples, clips and noises whole units, so
 everything here is grouped into one ``DetectorUnit`` and one ``ClassifierUnit`` per patient.
+
+Two options bring training closer to inference (``common.pipeline.run.run_pipeline``):
+``preprocess`` applies the pipeline's optional preprocess stage to every frame before
+anything is cut, and ``detector_clips`` with ``detector_track_fraction`` mixes clips of the
+tracks a detector finds into the classifier's ground-truth clips.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -17,9 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from common.data.manifest import Problem
 from common.data.video import read_video
 from common.errors import DataError, UsageError
 from common.models.presets import Preset
+from common.pipeline.config import PreprocessConfig
+from common.pipeline.preprocess import preprocess_frames
 
 if TYPE_CHECKING:
     from common.data.manifest import ManifestRow, SiteData
@@ -30,6 +38,11 @@ SPLITS = ("train", "val", "test")
 CLIP_MARGIN = 0.15
 
 Box = tuple[float, float, float, float]
+# A clip window: clip_len consecutive frame indices and the lesion's box in each.
+_Window = tuple[Sequence[int], Sequence[Box]]
+# Given a video's frames (uint8 [T, H, W]), the clip windows of a detector's tracks, as
+# ``common.pipeline.run.detector_clip_windows`` makes them.
+ClipWindows = Callable[[np.ndarray], Sequence[_Window]]
 
 
 @dataclass
@@ -74,10 +87,16 @@ class ClassifierUnit:
 
 @dataclass
 class SiteUnits:
-    """Both unit lists of one split, in the same patient order (sorted patient ids)."""
+    """Both unit lists of one split, in the same patient order (sorted patient ids).
+
+    ``skipped`` is what the units leave out: every ``Problem`` that ``load_site`` found
+    (rows of any split) and then, per video of this split that could not be read or cut,
+    ``Problem(file=<video path>, line=0, field="video", reason)``.
+    """
 
     detector: list[DetectorUnit]
     classifier: list[ClassifierUnit]
+    skipped: list[Problem] = field(default_factory=list)
 
 
 def build_units(
@@ -87,6 +106,9 @@ def build_units(
     split: str = "train",
     frame_stride: int,
     max_frames_per_video: int,
+    preprocess: PreprocessConfig | None = None,
+    detector_clips: ClipWindows | None = None,
+    detector_track_fraction: float = 0.0,
 ) -> SiteUnits:
     """Cut the videos of one split into per-patient detector frames and classifier clips.
 
@@ -101,6 +123,21 @@ def build_units(
         Detector frames are every ``frame_stride``-th frame, with or without a lesion.
     max_frames_per_video : int
         At most this many of those frames per video, evenly spaced.
+    preprocess : PreprocessConfig, optional
+        Speckle filter and contrast stretch (``preprocess_frames``) on every video before
+        its detector frames and clips are cut; pass the same as inference's
+        ``PipelineConfig.preprocess``. Default None: the frames as decoded.
+    detector_clips : ClipWindows, optional
+        Finds a video's tracks and cuts them into clip windows (the current global
+        detector, ``common.pipeline.run.detector_clip_windows``); it sees the frames after
+        ``preprocess``. Needed when ``detector_track_fraction`` > 0.
+    detector_track_fraction : float
+        f in [0, 1]: per video, the classifier gets an evenly spaced share f of the clips
+        of the detector's tracks and the share 1 - f of its ground-truth clips (counts
+        rounded half up), each labelled with the video's label. When the detector finds
+        the lesion as often as the ground truth boxes it, f is the share of detector clips;
+        f = 1 trains on detector tracks only, also on videos without a ground-truth box.
+        Default 0: ground truth only, the WAUVE paper's training.
 
     Returns
     -------
@@ -109,6 +146,10 @@ def build_units(
         are runs of ``clip_len`` consecutive boxed frames cropped around the union of
         their boxes (plus ``CLIP_MARGIN``, made square); a run's remainder and runs
         shorter than ``clip_len`` are dropped, as in the WAUVE paper.
+
+        A video that fails to decode (or whose boxes are empty once resized) is skipped
+        and listed in ``skipped``, never fatal: a damaged file must not stop a site's
+        round. A patient left with no readable video has no unit.
     """
     if split not in SPLITS:
         raise UsageError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
@@ -117,6 +158,12 @@ def build_units(
             f"frame_stride and max_frames_per_video must be >= 1, "
             f"got {frame_stride} and {max_frames_per_video}"
         )
+    if not 0.0 <= detector_track_fraction <= 1.0:
+        raise UsageError(
+            f"detector_track_fraction must be in [0, 1], got {detector_track_fraction}"
+        )
+    if detector_track_fraction > 0 and detector_clips is None:
+        raise UsageError("detector_track_fraction > 0 needs detector_clips (a detector)")
     rows_by_patient: dict[str, list[ManifestRow]] = defaultdict(list)
     for row in site.rows:
         if row.split == split:
@@ -124,23 +171,43 @@ def build_units(
 
     cfg = preset.classifier
     detector_units, classifier_units = [], []
+    skipped = list(site.problems)
     for patient_id in sorted(rows_by_patient):
         det = DetectorUnit(patient_id)
         clips: list[Tensor] = []
         labels: list[float] = []
         for row in rows_by_patient[patient_id]:
-            frames = read_video(site.root / row.video)
-            boxes = site.boxes.get(row.video, {})
-            picked = _detector_frames(len(frames), frame_stride, max_frames_per_video)
-            images, targets = detector_samples(
-                frames, picked, boxes, preset.detector.image_size, where=row.video
-            )
+            try:
+                frames = read_video(site.root / row.video)
+                if preprocess is not None:
+                    frames = preprocess_frames(frames, preprocess)
+                boxes = site.boxes.get(row.video, {})
+                picked = _detector_frames(len(frames), frame_stride, max_frames_per_video)
+                images, targets = detector_samples(
+                    frames, picked, boxes, preset.detector.image_size, where=row.video
+                )
+            except DataError as error:
+                reason = str(error).replace(str(site.root / row.video), row.video)
+                skipped.append(
+                    Problem(row.video, 0, "video", reason.removeprefix(f"{row.video}: "))
+                )
+                continue
             det.images += images
             det.targets += targets
             boxed = [f for f in sorted(boxes) if f < len(frames)]
-            for window in consecutive_windows(boxed, cfg.clip_len):
-                clips.append(crop_clip(frames, window, [boxes[f] for f in window], cfg.clip_size))
+            windows: list[_Window] = [
+                (window, [boxes[f] for f in window])
+                for window in consecutive_windows(boxed, cfg.clip_len)
+            ]
+            if detector_clips is not None and detector_track_fraction > 0:
+                windows = mix_windows(
+                    windows, detector_clips(frames), fraction=detector_track_fraction
+                )
+            for window, window_boxes in windows:
+                clips.append(crop_clip(frames, window, window_boxes, cfg.clip_size))
                 labels.append(1.0 if row.label == "malignant" else 0.0)
+        if not det.images:
+            continue
         detector_units.append(det)
         shape = (len(clips), 1, cfg.clip_len, cfg.clip_size, cfg.clip_size)
         stacked = torch.stack(clips) if clips else torch.zeros(shape)
@@ -151,7 +218,31 @@ def build_units(
                 labels=torch.tensor(labels, dtype=torch.float32),
             )
         )
-    return SiteUnits(detector=detector_units, classifier=classifier_units)
+    return SiteUnits(detector=detector_units, classifier=classifier_units, skipped=skipped)
+
+
+def mix_windows(
+    ground_truth: Sequence[_Window], detected: Sequence[_Window], *, fraction: float
+) -> list[_Window]:
+    """The share ``1 - fraction`` of ``ground_truth`` then ``fraction`` of ``detected``.
+
+    Each share is evenly spaced over its list (so it covers the whole sweep, not its
+    start), its count ``n * share`` rounded half up.
+
+    >>> gt = [([i], [(0.0, 0.0, 1.0, 1.0)]) for i in range(4)]
+    >>> found = [([i], [(1.0, 1.0, 2.0, 2.0)]) for i in range(10, 12)]
+    >>> [w[0][0] for w in mix_windows(gt, found, fraction=0.5)]
+    [0, 3, 10]
+    """
+    n_detected = int(fraction * len(detected) + 0.5)
+    n_ground_truth = len(ground_truth) - int(fraction * len(ground_truth) + 0.5)
+    return [*_evenly_spaced(ground_truth, n_ground_truth), *_evenly_spaced(detected, n_detected)]
+
+
+def _evenly_spaced(items: Sequence[_Window], count: int) -> list[_Window]:
+    if count <= 0:
+        return []
+    return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
 
 
 def consecutive_windows(frames: Iterable[int], length: int) -> list[list[int]]:

@@ -1,8 +1,22 @@
-"""The pair of models a site trains and the federation exchanges, as flat weight lists."""
+"""The models a federation can train, each a bundle of networks exchanged as flat weight lists.
+
+A bundle kind is chosen by the run config's ``model`` key:
+
+* ``wauve`` (``WauveBundle``): WAUVE's lesion detector and video classifier;
+* ``keyframe2d`` (``KeyFrameBundle``): the paper's comparator, a 2D ResNet-50 on key frames.
+
+Everything that moves or stores weights (``get_weights``/``set_weights``, the model
+registry, ``common.models.loading``) goes through ``ModelBundle.networks``, a name ->
+network mapping in a fixed order. A network's name is also its prefix in
+``weight_names``, its key in a saved ``weights.pt``, its site privacy section
+(``[privacy.<name>]``) and the ``model`` of its privacy-ledger entries.
+"""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -12,51 +26,163 @@ from torchvision.models.detection import FasterRCNN
 from common.errors import UsageError
 from common.models.detector import build_detector
 from common.models.i3d import I3D, build_classifier
+from common.models.keyframe import KeyFrameResNet, build_keyframe_model
 from common.models.presets import Preset, get_preset
+
+DEFAULT_MODEL = "wauve"
+
+
+def _n_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class ModelBundle(ABC):
+    """The networks of one model kind, built from one preset.
+
+    Attributes
+    ----------
+    kind : str
+        The run config's ``model`` value that selects this bundle.
+    network_names : tuple of str
+        The keys of ``networks``, known without building them.
+    method : str
+        What the model is, in words, for the model card.
+    preset : Preset
+    """
+
+    kind: ClassVar[str]
+    method: ClassVar[str]
+    network_names: ClassVar[tuple[str, ...]]
+    preset: Preset
+
+    @classmethod
+    @abstractmethod
+    def build(cls, preset: Preset) -> Self:
+        """Untrained networks from the torch RNG as it stands (``build_bundle`` seeds it)."""
+
+    @property
+    @abstractmethod
+    def networks(self) -> dict[str, nn.Module]:
+        """Name -> network, in the order weights are exchanged and trained."""
+
+    @abstractmethod
+    def architecture(self) -> dict[str, Any]:
+        """The architecture part of the model card: per network, what it is and its size."""
+
+    def to(self, device: torch.device) -> Self:
+        for network in self.networks.values():
+            network.to(device)
+        return self
+
+    def eval(self) -> Self:
+        for network in self.networks.values():
+            network.eval()
+        return self
 
 
 @dataclass
-class ModelBundle:
-    """Detector and classifier built from one preset."""
+class WauveBundle(ModelBundle):
+    """WAUVE: Faster R-CNN lesion detector and I3D video classifier."""
+
+    kind: ClassVar[str] = "wauve"
+    method: ClassVar[str] = "WAUVE (Han et al., Cancer Imaging 2025)"
+    network_names: ClassVar[tuple[str, ...]] = ("detector", "classifier")
 
     preset: Preset
     detector: FasterRCNN
     classifier: I3D
 
+    @classmethod
+    def build(cls, preset: Preset) -> Self:
+        return cls(
+            preset=preset,
+            detector=build_detector(preset.detector),
+            classifier=build_classifier(preset.classifier),
+        )
 
-def build_bundle(preset_name: str, *, seed: int) -> ModelBundle:
-    """Build both untrained models; the same ``seed`` gives the same weights everywhere.
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return {"detector": self.detector, "classifier": self.classifier}
+
+    def architecture(self) -> dict[str, Any]:
+        return {
+            "detector": "Faster R-CNN, ResNet-34 + FPN, GroupNorm, 1 lesion class",
+            "detector_params": _n_params(self.detector),
+            "detector_image_size": self.preset.detector.image_size,
+            "classifier": "I3D inflated from ResNet-50, GroupNorm, 1 malignancy logit",
+            "classifier_params": _n_params(self.classifier),
+            "clip_len": self.preset.classifier.clip_len,
+            "clip_size": self.preset.classifier.clip_size,
+        }
+
+
+@dataclass
+class KeyFrameBundle(ModelBundle):
+    """The comparator: a 2D ResNet-50 on lesion crops of key frames."""
+
+    kind: ClassVar[str] = "keyframe2d"
+    method: ClassVar[str] = "2D ResNet-50 on key frames, the comparator of WAUVE (Han et al. 2025)"
+    network_names: ClassVar[tuple[str, ...]] = ("keyframe",)
+
+    preset: Preset
+    keyframe: KeyFrameResNet
+
+    @classmethod
+    def build(cls, preset: Preset) -> Self:
+        return cls(preset=preset, keyframe=build_keyframe_model(preset.keyframe))
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return {"keyframe": self.keyframe}
+
+    def architecture(self) -> dict[str, Any]:
+        return {
+            "keyframe": "ResNet-50, GroupNorm, 1 malignancy logit, on lesion crops of key frames",
+            "keyframe_params": _n_params(self.keyframe),
+            "keyframe_image_size": self.preset.keyframe.image_size,
+        }
+
+
+MODELS: dict[str, type[ModelBundle]] = {b.kind: b for b in (WauveBundle, KeyFrameBundle)}
+
+
+def bundle_class(model: str) -> type[ModelBundle]:
+    """The bundle kind called ``model``; raise ``UsageError`` listing the known ones."""
+    try:
+        return MODELS[model]
+    except KeyError:
+        known = ", ".join(sorted(MODELS))
+        raise UsageError(f"unknown model {model!r}; known models: {known}") from None
+
+
+def build_bundle(preset_name: str, *, seed: int, model: str = DEFAULT_MODEL) -> ModelBundle:
+    """Build the untrained networks of ``model``; the same ``seed`` gives the same weights.
 
     Every site and the server build the initial model themselves, so the initial weights
     must not depend on the process' random state. The global torch RNG is reseeded.
     """
+    cls = bundle_class(model)
     preset = get_preset(preset_name)
     torch.manual_seed(seed)
-    detector = build_detector(preset.detector)
-    classifier = build_classifier(preset.classifier)
-    return ModelBundle(preset=preset, detector=detector, classifier=classifier)
+    return cls.build(preset)
 
 
 def _named_tensors(bundle: ModelBundle) -> list[tuple[str, torch.Tensor]]:
     # state_dict order is the module registration order: fixed by the architecture.
-    models: list[tuple[str, nn.Module]] = [
-        ("detector", bundle.detector),
-        ("classifier", bundle.classifier),
-    ]
     return [
         (f"{prefix}.{name}", tensor)
-        for prefix, model in models
+        for prefix, model in bundle.networks.items()
         for name, tensor in model.state_dict().items()
     ]
 
 
 def weight_names(bundle: ModelBundle) -> list[str]:
-    """Names of the arrays of ``get_weights``, prefixed ``detector.`` or ``classifier.``."""
+    """Names of the arrays of ``get_weights``, prefixed with their network's name."""
     return [name for name, _ in _named_tensors(bundle)]
 
 
 def get_weights(bundle: ModelBundle) -> list[np.ndarray]:
-    """Copy every state_dict tensor out as float32: the detector's, then the classifier's."""
+    """Copy every state_dict tensor out as float32, network by network."""
     return [
         tensor.detach().to("cpu", torch.float32).numpy().copy()
         for _, tensor in _named_tensors(bundle)
@@ -64,17 +190,19 @@ def get_weights(bundle: ModelBundle) -> list[np.ndarray]:
 
 
 def set_weights(bundle: ModelBundle, arrays: list[np.ndarray]) -> None:
-    """Load arrays in ``get_weights`` order into the models, in place.
+    """Load arrays in ``get_weights`` order into the networks, in place.
 
     Raises
     ------
     UsageError
-        If the number of arrays differs, or naming the first tensor whose shape differs.
-        Nothing is loaded then.
+        If the number of arrays differs (a sign of another model kind), or naming the first
+        tensor whose shape differs. Nothing is loaded then.
     """
     named = _named_tensors(bundle)
     if len(arrays) != len(named):
-        raise UsageError(f"expected {len(named)} weight arrays, got {len(arrays)}")
+        raise UsageError(
+            f"expected {len(named)} weight arrays for model {bundle.kind!r}, got {len(arrays)}"
+        )
     for (name, tensor), array in zip(named, arrays, strict=True):
         if tuple(array.shape) != tuple(tensor.shape):
             raise UsageError(

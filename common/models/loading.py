@@ -1,7 +1,9 @@
-"""Load a saved model version: the folder ``server.tracking.Tracker.register_round`` logs.
+"""Save and load a model version: the folder ``server.tracking.Tracker.register_round`` logs.
 
-The folder holds ``weights.pt`` (``torch.save({"detector": state_dict, "classifier":
-state_dict})``) and ``model.json`` (the model card: at least ``preset`` and ``round``).
+The folder holds ``weights.pt`` (``torch.save({network name: state_dict})``, the names of
+the bundle's ``networks``) and ``model.json`` (the model card: at least ``preset`` and
+``round``; ``model`` names the bundle kind, and a card without it is from before there was a
+choice: ``wauve``).
 """
 
 from __future__ import annotations
@@ -15,14 +17,23 @@ from typing import Any
 import torch
 
 from common.errors import DataError, UsageError
-from common.models.bundle import ModelBundle
-from common.models.detector import build_detector
-from common.models.i3d import build_classifier
+from common.models.bundle import DEFAULT_MODEL, ModelBundle, bundle_class
 from common.models.presets import get_preset
 
 WEIGHTS = "weights.pt"
 CARD = "model.json"
 REQUIRED_CARD_FIELDS = ("preset", "round")
+
+
+def save_bundle_dir(bundle: ModelBundle, path: Path, card: dict[str, Any]) -> None:
+    """Write ``bundle``'s weights and ``card`` (which must give ``preset`` and ``round``).
+
+    ``model`` is set to the bundle's kind, so the folder loads back as the same model.
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({name: net.state_dict() for name, net in bundle.networks.items()}, path / WEIGHTS)
+    (path / CARD).write_text(json.dumps({**card, "model": bundle.kind}, indent=2))
 
 
 def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
@@ -42,7 +53,7 @@ def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
     ------
     DataError
         The folder or a file is missing, unreadable or malformed, the card names an unknown
-        preset, or the weights do not fit the preset; the message names the file.
+        preset or model, or the weights do not fit them; the message names the file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -50,27 +61,24 @@ def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
     card = _read_card(path / CARD)
     try:
         preset = get_preset(str(card["preset"]))
+        cls = bundle_class(str(card.get("model", DEFAULT_MODEL)))
     except UsageError as error:
         raise DataError(f"{path / CARD}: {error}") from None
     # Built directly, not with build_bundle: that reseeds the global RNG, and the initial
     # weights are overwritten anyway.
-    bundle = ModelBundle(
-        preset=preset,
-        detector=build_detector(preset.detector),
-        classifier=build_classifier(preset.classifier),
-    )
+    bundle = cls.build(preset)
     weights = path / WEIGHTS
     state = _read_weights(weights)
-    for name, model in (("detector", bundle.detector), ("classifier", bundle.classifier)):
+    for name, network in bundle.networks.items():
         if name not in state:
-            raise DataError(f"{weights}: no {name!r} state dict")
+            raise DataError(f"{weights}: no {name!r} state dict (model {cls.kind!r})")
         try:
-            model.load_state_dict(state[name])
+            network.load_state_dict(state[name])
         except RuntimeError as error:
             raise DataError(
                 f"{weights}: the {name} weights do not fit preset {preset.name!r}: {error}"
             ) from None
-        model.eval()
+        network.eval()
     return bundle, card
 
 

@@ -1,9 +1,11 @@
-"""Model presets: the architecture knobs of the detector and the video classifier.
+"""Model presets: the architecture knobs of the detector, the video classifier and the
+key-frame comparator.
 
 ``paper`` is the WAUVE architecture (Faster R-CNN ResNet-34 + FPN, I3D ResNet-50 at
-224 px, 8-frame clips). ``tiny`` keeps the same depths and layer types at width 8 so that
-a patient-level DP step runs in about a second on a laptop CPU; it exists for tests,
-benchmarks and the end-to-end federation on loopback, not for accuracy.
+224 px, 8-frame clips) and the paper's comparator (2D ResNet-50 at 224 px). ``tiny`` keeps
+the same depths and layer types at width 8 so that a patient-level DP step runs in about
+a second on a laptop CPU; it exists for tests, benchmarks and the end-to-end federation on
+loopback, not for accuracy.
 """
 
 from __future__ import annotations
@@ -85,12 +87,35 @@ class ClassifierPreset:
 
 
 @dataclass(frozen=True)
+class KeyFramePreset:
+    """2D ResNet-50 on lesion crops of key frames (the WAUVE paper's comparator).
+
+    Attributes
+    ----------
+    width : int
+        Channels of the stem, as in ``ClassifierPreset`` (64 is ResNet-50).
+    layers : tuple of int
+        Bottleneck blocks per stage.
+    num_groups : int
+        GroupNorm groups (clamped to a divisor of each layer's channels).
+    image_size : int
+        Side in pixels of the square lesion crop.
+    """
+
+    width: int
+    layers: tuple[int, int, int, int]
+    num_groups: int
+    image_size: int
+
+
+@dataclass(frozen=True)
 class Preset:
-    """A named pair of detector and classifier presets."""
+    """A named set of presets: WAUVE's detector and classifier, and the key-frame model."""
 
     name: str
     detector: DetectorPreset
     classifier: ClassifierPreset
+    keyframe: KeyFramePreset
 
 
 PRESETS: dict[str, Preset] = {
@@ -114,6 +139,7 @@ PRESETS: dict[str, Preset] = {
         classifier=ClassifierPreset(
             width=8, layers=RESNET50_LAYERS, num_groups=4, clip_len=8, clip_size=64
         ),
+        keyframe=KeyFramePreset(width=8, layers=RESNET50_LAYERS, num_groups=4, image_size=64),
     ),
     "paper": Preset(
         name="paper",
@@ -135,6 +161,7 @@ PRESETS: dict[str, Preset] = {
         classifier=ClassifierPreset(
             width=64, layers=RESNET50_LAYERS, num_groups=32, clip_len=8, clip_size=224
         ),
+        keyframe=KeyFramePreset(width=64, layers=RESNET50_LAYERS, num_groups=32, image_size=224),
     ),
 }
 

@@ -1,4 +1,5 @@
-"""Stage 4, classify: the I3D's malignancy probability for each clip."""
+"""Stage 4, classify: the I3D's malignancy probability for each clip (or the key-frame
+model's for each lesion crop)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from scipy.special import expit
 from torch import Tensor
 
 from common.models.i3d import I3D
+from common.models.keyframe import KeyFrameResNet
 
 
 @dataclass(frozen=True)
@@ -34,16 +36,17 @@ class ClassifierOutput:
 
 @torch.no_grad()
 def classify_clips(
-    classifier: I3D, clips: Tensor, *, batch_size: int, keep_features: bool
+    classifier: I3D | KeyFrameResNet, clips: Tensor, *, batch_size: int, keep_features: bool
 ) -> ClassifierOutput:
     """Score clips, ``batch_size`` per forward pass.
 
     Parameters
     ----------
-    classifier : I3D
+    classifier : I3D or KeyFrameResNet
         Put in eval mode; runs on the device its parameters are on.
     clips : Tensor
-        FloatTensor[K, 3, T, s, s] in [0, 1] (``crop_clips``); K may be 0.
+        FloatTensor[K, 3, T, s, s] in [0, 1] (``crop_clips``), or FloatTensor[K, 3, S, S]
+        lesion crops for a ``KeyFrameResNet``; K may be 0.
     batch_size : int
     keep_features : bool
         Return the feature maps too (memory: K x C x T' x H' x W' floats).

@@ -1,9 +1,9 @@
 """Optional stage 0, preprocess: speckle reduction and contrast normalisation of B-mode frames.
 
-Off by default (``PipelineConfig.preprocess is None``): the released training units
-(``common.data.units``) do not preprocess, and a model must see at inference what it saw in
-training. It is here so a site can turn it on for inference once training does the same;
-wiring it into ``build_units`` is the lead's call.
+Off by default (``PipelineConfig.preprocess is None``): a model must see at inference what it
+saw in training, and the sites' training does not preprocess. ``build_units(preprocess=...)``
+cuts training units from preprocessed videos, so a model trained that way is run with the
+same ``PreprocessConfig`` here; ``benchmarks/preprocess_auc.py`` measures the effect on AUC.
 """
 
 from __future__ import annotations

@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+from torchvision.models.detection import FasterRCNN
 
+from common.data.units import ClipWindows
 from common.errors import UsageError
-from common.models.bundle import ModelBundle
+from common.models.bundle import WauveBundle
 from common.pipeline.classify import classify_clips
 from common.pipeline.clip import ClipPlan, crop_clips, plan_clips
 from common.pipeline.config import PipelineConfig
@@ -86,7 +88,7 @@ class VideoResult:
 
 def run_pipeline(
     video_frames: np.ndarray,
-    bundle: ModelBundle,
+    bundle: WauveBundle,
     config: PipelineConfig,
     *,
     gt_boxes: Mapping[int, Box] | None = None,
@@ -97,7 +99,7 @@ def run_pipeline(
     ----------
     video_frames : np.ndarray
         ``uint8 [T, H, W]`` grayscale frames (``read_video``).
-    bundle : ModelBundle
+    bundle : WauveBundle
         Detector and classifier; each runs on the device its parameters are on, and both
         are put in eval mode.
     config : PipelineConfig
@@ -169,3 +171,41 @@ def run_pipeline(
         frame_shape=(frames.shape[1], frames.shape[2]),
         config=config,
     )
+
+
+def detector_clip_windows(
+    detector: FasterRCNN, *, image_size: int, clip_len: int, config: PipelineConfig
+) -> ClipWindows:
+    """The pipeline's detect -> track -> clip stages, as a source of training clips.
+
+    For ``common.data.units.build_units(detector_clips=...)``: the returned function takes
+    a video's frames (``uint8 [T, H, W]``, already preprocessed when training preprocesses)
+    and gives each clip of the detector's tracks as ``(frame indices, boxes)``, the frames
+    and boxes that ``run_pipeline`` would crop with the same detector and ``config``
+    (``boxes_source`` is ignored).
+
+    Parameters
+    ----------
+    detector : FasterRCNN
+        Runs on the device its parameters are on and is left in eval mode; put it back in
+        train mode before training it.
+    image_size, clip_len : int
+        The preset's ``detector.image_size`` and ``classifier.clip_len``.
+    config : PipelineConfig
+        Detection and tracking settings, as at inference.
+    """
+
+    def windows(frames: np.ndarray) -> list[tuple[tuple[int, ...], tuple[Box, ...]]]:
+        detections = detect_lesions(
+            frames,
+            detector,
+            image_size=image_size,
+            score_threshold=config.score_threshold,
+            nms_iou=config.nms_iou,
+            max_detections=config.max_detections,
+            batch_size=config.detector_batch_size,
+        )
+        tracks = link_tracks(detections, link_iou=config.link_iou, max_gap=config.max_gap)
+        return [(plan.frames, plan.boxes) for plan in plan_clips(tracks, clip_len=clip_len)]
+
+    return windows
