@@ -106,7 +106,8 @@ class Problem:
     Attributes
     ----------
     file : str
-        File name relative to the site folder (``manifest.csv`` or ``boxes.csv``).
+        File name relative to the site folder: ``manifest.csv``, ``boxes.csv``, or a
+        video that ``build_units`` could not read (then ``line`` is 0).
     line : int
         1-based line of the row in that file (the header is line 1); 0 for the whole file.
     field : str
