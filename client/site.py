@@ -1,8 +1,10 @@
-"""The site's federated client: private local training and validation of both networks.
+"""The site's federated client: private local training and validation of the chosen model.
 
-The site's own config decides the data, device and every privacy parameter; the server's
-run config proposes only the preset, the number of local steps (capped by the site) and
-the learning rate.
+The run config's ``model`` picks what a round trains: ``wauve`` (detector and video
+classifier) or ``keyframe2d`` (the 2D key-frame comparator; a site of still key frames can
+train only this one, and refuses a WAUVE round). The site's own config decides the data,
+device and every privacy parameter; the server's run config proposes only the model, the
+preset, the number of local steps (capped by the site) and the learning rate.
 """
 
 from __future__ import annotations
@@ -10,27 +12,38 @@ from __future__ import annotations
 import functools
 import json
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
+from torchvision.models.detection import FasterRCNN
 
-from client.train import DPParams, train_classifier, train_detector
+from client.sent import SentUpdate, SentUpdates, fingerprint
+from client.train import DPParams, MechanismRecord, train_classifier, train_detector, train_keyframe
 from common.config import ModelPrivacy, SiteConfig
-from common.data.manifest import load_site
+from common.data.keyframes import KeyFrameUnits, build_keyframe_units
+from common.data.manifest import BOXES, MANIFEST, Problem, load_site
 from common.data.units import SiteUnits, build_units
-from common.errors import BudgetExceeded, PrivacyError
-from common.evaluation import HISTOGRAM_KEY, evaluate_bundle
+from common.errors import BudgetExceeded, DataError, PrivacyError
+from common.evaluation import HISTOGRAM_KEY, EvalResult, evaluate_bundle, evaluate_keyframe
 from common.keys import load_signing_key, signing_key_paths
 from common.models.bundle import (
+    DEFAULT_MODEL,
+    KeyFrameBundle,
     ModelBundle,
+    WauveBundle,
     build_bundle,
+    bundle_class,
     get_weights,
     set_weights,
     weight_names,
 )
 from common.models.presets import get_preset
+from common.pipeline.config import PipelineConfig
+from common.pipeline.run import detector_clip_windows
 from common.privacy.accountant import SiteAccountant
 from common.privacy.ledger import LEDGER_FILE, LEDGER_METRIC, PrivacyLedger
 
@@ -40,6 +53,12 @@ from common.privacy.ledger import LEDGER_FILE, LEDGER_METRIC, PrivacyLedger
 CLIPPING_RANGE = 8.0
 ACCOUNTANT_FILE = "accountant.json"
 EVENTS_FILE = "events.jsonl"
+# How each network trains; the chosen bundle's ``networks`` say which ones a round trains.
+TRAINERS: dict[str, Callable[..., MechanismRecord]] = {
+    "detector": train_detector,
+    "classifier": train_classifier,
+    "keyframe": train_keyframe,
+}
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -55,6 +74,20 @@ def _dp(m: ModelPrivacy) -> DPParams:
         max_grad_norm=m.max_grad_norm,
         sample_rate=m.sample_rate,
     )
+
+
+def skipped_counts(problems: list[Problem]) -> dict[str, Scalar]:
+    """What a site's units left out, as flat metrics the server records per site.
+
+    ``skipped_rows`` counts manifest rows, ``box_problems`` problems in ``boxes.csv`` (a
+    bad row, or all box rows of one unusable video), ``skipped_videos`` videos of the split
+    that could not be read.
+    """
+    return {
+        "skipped_rows": len({p.line for p in problems if p.file == MANIFEST}),
+        "box_problems": sum(p.file == BOXES for p in problems),
+        "skipped_videos": sum(p.file not in (MANIFEST, BOXES) for p in problems),
+    }
 
 
 def check_update(weights: NDArrays, names: list[str]) -> None:
@@ -81,26 +114,99 @@ class SiteClient(NumPyClient):
         self.seed = int(run_config.get("seed", 0))
         self.proposed_noise = float(run_config.get("proposed-noise-multiplier", 0.0))
         self.proposed_rate = float(run_config.get("proposed-sample-rate", 0.0))
+        self.model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
         torch.set_num_threads(config.site.threads)
         self.device = resolve_device(config.site.device)
         self.accountant_path = config.site.state / ACCOUNTANT_FILE
 
     def _bundle(self, parameters: NDArrays) -> ModelBundle:
-        bundle = build_bundle(self.preset, seed=self.seed)
+        bundle = build_bundle(self.preset, seed=self.seed, model=self.model)
         set_weights(bundle, parameters)
         return bundle
 
-    def _units(self, split: str) -> SiteUnits:
+    def _keyframe_units(self, split: str) -> KeyFrameUnits:
         site = load_site(self.config.site.data, check_videos=False)
-        return build_units(
+        units = build_keyframe_units(site, get_preset(self.preset), split=split)
+        self._report_skipped(split, units.skipped)
+        return units
+
+    def _training_units(
+        self, split: str, bundle: ModelBundle | None = None
+    ) -> tuple[dict[str, list[Any]], list[Problem]]:
+        """Per network of the chosen model, its per-patient units; and what they left out.
+
+        ``bundle`` is the global model this round starts from: its detector finds the
+        tracks that ``training.detector_track_fraction`` mixes into the classifier's clips.
+
+        Raises
+        ------
+        DataError
+            The split has nothing the model can train on: for WAUVE, no clip of
+            ``clip_len`` consecutive annotated frames (a site of still key frames has
+            none); for the key-frame model, no key frame.
+        """
+        name = self.config.site.name
+        if self.model == KeyFrameBundle.kind:
+            frames = self._keyframe_units(split)
+            if not any(len(u.images) for u in frames.keyframe):
+                raise DataError(
+                    f"site {name} cannot train the keyframe2d model: its {split} split has "
+                    "no key frame (a sweep with a lesion box, or a still image)"
+                )
+            return {"keyframe": frames.keyframe}, frames.skipped
+        units = self._units(split, bundle.detector if isinstance(bundle, WauveBundle) else None)
+        if not any(len(u.clips) for u in units.classifier):
+            clip_len = get_preset(self.preset).classifier.clip_len
+            raise DataError(
+                f"site {name} cannot train WAUVE (a video model): no video of its {split} "
+                f"split has {clip_len} consecutive annotated frames. A site of still key "
+                "frames trains only the keyframe2d model (run config model=keyframe2d)"
+            )
+        return {"detector": units.detector, "classifier": units.classifier}, units.skipped
+
+    def _units(self, split: str, detector: FasterRCNN | None = None) -> SiteUnits:
+        """Detector frames and classifier clips; training clips may mix in detector tracks.
+
+        Validation always uses ground-truth tracks, so that rounds stay comparable.
+        """
+        site = load_site(self.config.site.data, check_videos=False)
+        preset = get_preset(self.preset)
+        fraction = self.config.training.detector_track_fraction
+        clips = None
+        if split == "train" and fraction > 0 and detector is not None:
+            clips = detector_clip_windows(
+                detector.to(self.device),
+                image_size=preset.detector.image_size,
+                clip_len=preset.classifier.clip_len,
+                config=PipelineConfig(),
+            )
+        units = build_units(
             site,
-            get_preset(self.preset),
+            preset,
             split=split,
             frame_stride=self.config.training.frame_stride,
             max_frames_per_video=self.config.training.max_frames_per_video,
+            detector_clips=clips,
+            detector_track_fraction=fraction if clips is not None else 0.0,
         )
+        self._report_skipped(split, units.skipped)
+        return units
 
-    def event(self, name: str, **fields: Scalar) -> None:
+    def _report_skipped(self, split: str, skipped: list[Problem]) -> None:
+        if skipped:
+            # A bad row or a damaged video never stops the round, and is never skipped
+            # silently: hospital IT sees which files to fix.
+            self.event(
+                "data-skipped",
+                split=split,
+                **skipped_counts(skipped),
+                problems=[
+                    f"{p.file}{f':{p.line}' if p.line else ''} {p.field}: {p.reason}"
+                    for p in skipped
+                ],
+            )
+
+    def event(self, name: str, **fields: object) -> None:
         """Append to the site's activity log, so hospital IT can see what the site did."""
         self.config.site.state.mkdir(parents=True, exist_ok=True)
         line = {"time": time.time(), "site": self.config.site.name, "event": name, **fields}
@@ -120,7 +226,7 @@ class SiteClient(NumPyClient):
         (the site trains with its own values either way).
         """
         privacy = self.config.privacy
-        for model in (privacy.detector, privacy.classifier):
+        for model in map(privacy.of, bundle_class(self.model).network_names):
             if 0 < self.proposed_noise < model.noise_multiplier:
                 raise PrivacyError(
                     f"site {self.config.site.name} refuses: the server proposes noise multiplier "
@@ -144,30 +250,47 @@ class SiteClient(NumPyClient):
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
         started = time.perf_counter()
         server_round = int(config.get("round", 0))
-        run_id = str(config.get("run_id", "unknown"))
+        # The campaign outlives a restarted server (each restart is a new Flower run), so
+        # the ledger and the duplicate guard key on it.
+        run_id = str(config.get("campaign") or config.get("run_id", "unknown"))
         privacy = self.config.privacy
         steps = min(self.proposed_steps, self.config.training.max_local_steps)
         self.check_proposal()
-        plans = {"detector": _dp(privacy.detector), "classifier": _dp(privacy.classifier)}
+        plans = {name: _dp(privacy.of(name)) for name in bundle_class(self.model).network_names}
         self.config.site.state.mkdir(parents=True, exist_ok=True)
         ledger = self._ledger()
+        sent = SentUpdates(self.config.site.state)
+        global_model = fingerprint(parameters)
         if any(
             e.run_id == run_id and e.round == server_round and e.status == "trained"
             for e in ledger.entries()
         ):
-            # A restarted server may ask again; the patients' privacy was spent already.
-            raise PrivacyError(
-                f"site {self.config.site.name} already trained round {server_round} of run "
-                f"{run_id}; it will not spend epsilon on it twice"
+            # A resumed federation asks again for the round it lost. Re-sending the update
+            # already released for the same global model is free; training again is not.
+            if (again := sent.load(run_id, server_round, global_model=global_model)) is not None:
+                self.event("fit-resent", round=server_round, campaign=run_id)
+                return again.weights, again.num_examples, again.metrics
+            reason = (
+                f"site {self.config.site.name} already trained round {server_round} of "
+                f"campaign {run_id} from another global model; it will not spend epsilon on "
+                "it twice"
             )
-        units = self._units("train")
+            self.event("fit-refused", round=server_round, reason=reason)
+            raise PrivacyError(reason)
+        bundle = self._bundle(parameters)
+        try:
+            units, skipped = self._training_units("train", bundle)
+        except DataError as error:
+            self.event("fit-refused", round=server_round, reason=str(error))
+            raise
+        n_patients = len(next(iter(units.values())))
         accountant = self._accountant()
         record_entry = functools.partial(
             ledger.append,
             run_id=run_id,
             round=server_round,
             privacy_unit=privacy.privacy_unit,
-            n_units=len(units.detector),
+            n_units=n_patients,
             delta=privacy.delta,
             accountant=privacy.accountant,
             budget=privacy.epsilon_budget,
@@ -193,17 +316,13 @@ class SiteClient(NumPyClient):
             raise BudgetExceeded(reason)
         self.event("fit-start", round=server_round, steps=steps)
 
-        bundle = self._bundle(parameters)
         generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         records = {
-            "detector": train_detector(
-                bundle.detector, units.detector, dp=plans["detector"], steps=steps, lr=self.lr,
+            name: TRAINERS[name](
+                network, units[name], dp=plans[name], steps=steps, lr=self.lr,
                 device=self.device, generator=generator,
-            ),
-            "classifier": train_classifier(
-                bundle.classifier, units.classifier, dp=plans["classifier"], steps=steps,
-                lr=self.lr, device=self.device, generator=generator,
-            ),
+            )
+            for name, network in bundle.networks.items()
         }  # fmt: skip
         entries: list[dict[str, object]] = []
         losses: dict[str, float] = {}
@@ -234,23 +353,43 @@ class SiteClient(NumPyClient):
             "epsilon_budget": privacy.epsilon_budget,
             "privacy_unit": privacy.privacy_unit,
             "steps": steps,
-            "n_patients": len(units.detector),
-            "detector_loss": losses["detector"],
-            "classifier_loss": losses["classifier"],
+            "model": self.model,
+            "n_patients": n_patients,
+            **{f"{name}_loss": loss for name, loss in losses.items()},
             "fit_seconds": time.perf_counter() - started,
             "device": str(self.device),
+            **skipped_counts(skipped),
             # The round's signed ledger entries hold parameters and epsilons, no patient data.
             LEDGER_METRIC: json.dumps(entries),
         }
-        return weights, len(units.detector), metrics
+        # Kept (at the site only) so that a resumed federation's repeated request for this
+        # round is answered without training, and so without spending epsilon, again.
+        sent.save(
+            run_id,
+            server_round,
+            global_model=global_model,
+            update=SentUpdate(weights, n_patients, metrics),
+        )
+        return weights, n_patients, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, int, dict[str, Scalar]]:
         bundle = self._bundle(parameters)
-        units = self._units("val")
-        result = evaluate_bundle(bundle, units, device=self.device)
-        metrics: dict[str, Scalar] = {"site": self.config.site.name, **result.metrics}
+        result: EvalResult
+        if isinstance(bundle, KeyFrameBundle):
+            frames = self._keyframe_units("val")
+            result = evaluate_keyframe(bundle, frames.keyframe, device=self.device)
+            skipped = frames.skipped
+        elif isinstance(bundle, WauveBundle):
+            units = self._units("val")
+            result = evaluate_bundle(bundle, units, device=self.device)
+            skipped = units.skipped
+        metrics: dict[str, Scalar] = {
+            "site": self.config.site.name,
+            **result.metrics,
+            **skipped_counts(skipped),
+        }
         if result.histogram is not None:
             # Counts per score bin, never a single patient's score (Flower metrics are flat).
             pos, neg = result.histogram

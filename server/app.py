@@ -7,6 +7,7 @@ Legacy Flower path on purpose: ``SecAggPlusWorkflow`` runs only with ``LegacyCon
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
-from common.models.bundle import build_bundle, get_weights
-from server.strategy import TrackedFedAvg
+from common.errors import FederationError
+from common.models.bundle import DEFAULT_MODEL, ModelBundle, build_bundle, bundle_class, get_weights
+from server.strategy import TrackedFedAvg, privacy_from_tags
 from server.tracking import Tracker
 
 app = ServerApp()
@@ -71,6 +73,65 @@ def secure_fit_workflow(run_config: dict[str, Any]) -> SecAggPlusWorkflow | None
     )
 
 
+@dataclass
+class ResumePoint:
+    """Where a campaign starts: round 0 from the seeded model, or its last registered round."""
+
+    round: int = 0
+    model_version: str | None = None
+    bundle: ModelBundle | None = None
+    site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any] | None:
+        if self.model_version is None:
+            return None
+        return {"round": self.round, "model_version": self.model_version}
+
+
+def resume_point(tracker: Tracker, campaign: str, *, resume: bool) -> ResumePoint:
+    """The registry is the record of a campaign: resume from its latest version.
+
+    A campaign that already has versions is only continued when asked (``resume``); it is
+    never restarted from round 1, which would register a second version for each round.
+    """
+    versions = tracker.campaign_versions(campaign)
+    if not versions:
+        if resume:
+            log(INFO, "busfed: campaign %s has no registered version; starting at round 1",
+                campaign)  # fmt: skip
+        return ResumePoint()
+    last = versions[-1]
+    last_round = int(last.tags["round"])
+    if not resume:
+        raise FederationError(
+            f"campaign {campaign!r} already has registered versions up to round {last_round} "
+            f"(version {last.version}); pass resume=true to continue it, or name a new campaign"
+        )
+    log(INFO, "busfed: resuming campaign %s after round %s from version %s",
+        campaign, last_round, last.version)  # fmt: skip
+    return ResumePoint(
+        round=last_round,
+        model_version=str(last.version),
+        bundle=tracker.load_version(last),
+        site_privacy=privacy_from_tags(dict(last.tags)),
+    )
+
+
+def chosen_model(run_config: dict[str, Any]) -> tuple[str, str]:
+    """The run config's ``model`` (``wauve`` or ``keyframe2d``) and its registered model name.
+
+    ``registered-model`` empty (the default) names it ``busfed-<model>``, so the two kinds
+    never share a registered model.
+
+    Raises
+    ------
+    UsageError
+        An unknown model, naming the known ones.
+    """
+    model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
+    return model, str(run_config.get("registered-model", "")) or f"busfed-{model}"
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
@@ -79,20 +140,37 @@ def main(grid: Grid, context: Context) -> None:
     rounds = int(rc["num-server-rounds"])
     min_sites = int(rc["min-sites"])
     preset = str(rc["preset"])
+    model, registered_model = chosen_model(dict(rc))
+
+    campaign = str(rc.get("campaign", "")) or f"run-{context.run_id}"
 
     tracker = Tracker(
         tracking_uri=str(rc["mlflow-tracking-uri"]),
         artifact_location=str(rc["mlflow-artifact-location"]),
-        registered_model=str(rc["registered-model"]),
+        registered_model=registered_model,
         run_name=f"flower-run-{context.run_id}",
     )
     tracker.log_params({k: v for k, v in rc.items() if not k.startswith("mlflow")})
-    bundle = build_bundle(preset, seed=INITIAL_SEED)
+    tracker.tag_run({"campaign": campaign})
+    start = resume_point(tracker, campaign, resume=bool(rc.get("resume", False)))
+    bundle = start.bundle or build_bundle(preset, seed=INITIAL_SEED, model=model)
+    if bundle.kind != model:
+        raise FederationError(f"campaign {campaign!r} trains model {bundle.kind!r}, not {model!r}")
+    if start.bundle is not None and start.bundle.preset.name != preset:
+        raise FederationError(
+            f"campaign {campaign!r} was trained with preset {start.bundle.preset.name!r}, "
+            f"not {preset!r}"
+        )
+    if start.round >= rounds:
+        log(INFO, "busfed: campaign %s already has %s rounds; nothing to do", campaign, rounds)
     strategy = TrackedFedAvg(
         bundle=bundle,
         tracker=tracker,
         rounds_log=out_dir / "rounds.jsonl",
         secure_aggregation=secure,
+        campaign=campaign,
+        round_offset=start.round,
+        site_privacy=start.site_privacy,
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=min_sites,
@@ -101,18 +179,25 @@ def main(grid: Grid, context: Context) -> None:
         initial_parameters=ndarrays_to_parameters(get_weights(bundle)),
         accept_failures=True,
         on_fit_config_fn=lambda server_round: {
-            "round": server_round,
+            "round": server_round + start.round,
+            "campaign": campaign,
             "run_id": str(context.run_id),
         },
-        on_evaluate_config_fn=lambda server_round: {"round": server_round},
+        on_evaluate_config_fn=lambda server_round: {"round": server_round + start.round},
     )
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=rounds, round_timeout=float(rc["round-timeout"])),
+        config=ServerConfig(
+            num_rounds=max(0, rounds - start.round), round_timeout=float(rc["round-timeout"])
+        ),
         strategy=strategy,
     )
     fit_workflow = secure_fit_workflow(dict(rc))
-    log(INFO, "busfed: %s rounds, preset %s, secure aggregation %s", rounds, preset, secure)
+    log(
+        INFO,
+        "busfed: campaign %s, rounds %s to %s, preset %s, secure aggregation %s",
+        campaign, start.round + 1, rounds, preset, secure,
+    )  # fmt: skip
     status = "FAILED"
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
@@ -121,6 +206,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.finish()
         tracker.finish(status)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "summary.json").write_text(
-            json.dumps(summary(strategy, tracker, secure=secure), indent=2, default=float)
-        )
+        result = summary(strategy, tracker, secure=secure)
+        result["campaign"] = campaign
+        result["resumed_from"] = start.as_json()
+        (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=float))

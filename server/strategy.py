@@ -35,7 +35,32 @@ from common.privacy.ledger import LEDGER_METRIC
 from server.tracking import Tracker
 
 # Per-site metrics that are averaged into the round's metrics, weighted by patients.
-AVERAGED_FIT = ("detector_loss", "classifier_loss", "fit_seconds")
+AVERAGED_FIT = ("detector_loss", "classifier_loss", "keyframe_loss", "fit_seconds")
+# Per-site counts that the round reports as totals over the sites, not as means.
+SUMMED_EVALUATE = ("skipped_rows", "skipped_videos", "box_problems", "val_patients", "val_clips")
+# What each model version says about every site's privacy spend, as `KEY.<site>` tags.
+PRIVACY_TAGS = ("epsilon", "delta", "epsilon_budget")
+
+
+def privacy_tags(sites: dict[str, dict[str, float]]) -> dict[str, str]:
+    """``{"epsilon.<site>": "5.372000", "delta.<site>": "1e-05", ...}`` for every site."""
+    formats = {"epsilon": ".6f", "delta": "g", "epsilon_budget": "g"}
+    return {
+        f"{key}.{site}": format(values[key], formats[key])
+        for site, values in sorted(sites.items())
+        for key in PRIVACY_TAGS
+        if key in values
+    }
+
+
+def privacy_from_tags(tags: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The inverse of ``privacy_tags``: what a registered version says each site spent."""
+    sites: dict[str, dict[str, float]] = {}
+    for tag, value in tags.items():
+        key, _, site = tag.partition(".")
+        if key in PRIVACY_TAGS and site:
+            sites.setdefault(site, {})[key] = float(value)
+    return sites
 
 
 def describe_failure(failure: tuple[ClientProxy, Any] | BaseException) -> str:
@@ -82,6 +107,9 @@ class TrackedFedAvg(FedAvg):
         tracker: Tracker,
         rounds_log: Path,
         secure_aggregation: bool,
+        campaign: str,
+        round_offset: int = 0,
+        site_privacy: dict[str, dict[str, float]] | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -89,14 +117,17 @@ class TrackedFedAvg(FedAvg):
         self.tracker = tracker
         self.rounds_log = rounds_log
         self.secure_aggregation = secure_aggregation
+        self.campaign = campaign
+        # Flower numbers a run's rounds from 1; a resumed campaign continues its own count.
+        self.round_offset = round_offset
         self.records: list[RoundRecord] = []
         self._pending: RoundRecord | None = None
         self._last_round_end = time.time()
         self._sampled: set[str] = set()
         self._site_of_node: dict[str, str] = {}  # learnt from the sites' own metrics
-        # Every site's latest reported (epsilon, delta): a site that sat a round out still
-        # has its spend tagged on that round's model version.
-        self._epsilon_of_site: dict[str, tuple[float, float]] = {}
+        # Every site's latest reported epsilon, delta and budget: a site that sat a round out
+        # still has its spend tagged on that round's model version (after a resume too).
+        self._privacy_of_site: dict[str, dict[str, float]] = dict(site_privacy or {})
 
     # ------------------------------------------------------------------ fit
     def configure_fit(
@@ -112,6 +143,7 @@ class TrackedFedAvg(FedAvg):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         self._flush()
         record = RoundRecord(round=server_round)
         record.failures = [describe_failure(f) for f in failures]
@@ -164,13 +196,16 @@ class TrackedFedAvg(FedAvg):
             "secure_aggregation": str(self.secure_aggregation).lower(),
             "privacy_unit": "patient",
             "flower_run": self.tracker.run_id,
+            "campaign": self.campaign,
         }
         for site, values in record.sites.items():
             if "epsilon" in values:
-                self._epsilon_of_site[site] = (float(values["epsilon"]), float(values["delta"]))
-        for site, (epsilon, delta) in sorted(self._epsilon_of_site.items()):
-            tags[f"epsilon.{site}"] = f"{epsilon:.6f}"
-            tags[f"delta.{site}"] = f"{delta:g}"
+                self._privacy_of_site[site] = {
+                    key: float(values[key])
+                    for key in PRIVACY_TAGS
+                    if isinstance(values.get(key), int | float)
+                }
+        tags.update(privacy_tags(self._privacy_of_site))
         version = self.tracker.register_round(self.bundle, server_round=server_round, tags=tags)
         record.model_version = version.version
         log(INFO, "round %s: registered %s version %s", server_round, version.name, version.version)
@@ -192,10 +227,19 @@ class TrackedFedAvg(FedAvg):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         loss, _ = super().aggregate_evaluate(server_round, results, failures)
         record = self._pending
         if record is None or record.round != server_round:
-            return loss, {}
+            # No aggregate reached the strategy this round (SecAgg+ halts when fewer sites
+            # than its threshold answer, for example when every site refused): the global
+            # model is unchanged. The round is still recorded, never left to vanish.
+            self._flush()
+            record = RoundRecord(round=server_round)
+            record.failures = ["no aggregate: too few sites sent an update; model unchanged"]
+            record.dropped = sorted(self._site_of_node.get(c, f"node {c}") for c in self._sampled)
+            record.metrics["sites_participating"] = 0.0
+            self._pending = record
         histograms = [
             (np.array(h["pos"]), np.array(h["neg"]))
             for _, r in results
@@ -211,7 +255,9 @@ class TrackedFedAvg(FedAvg):
             pairs = [
                 (r.num_examples, float(r.metrics[key])) for _, r in results if key in r.metrics
             ]
-            if np.isfinite(value := weighted_mean(pairs)):
+            if key in SUMMED_EVALUATE:
+                record.metrics[key] = float(sum(v for _, v in pairs))
+            elif np.isfinite(value := weighted_mean(pairs)):
                 record.metrics[key] = value
         for _, r in results:
             site = str(r.metrics.get("site", "?"))

@@ -54,6 +54,7 @@ def test_pooled_auc_equals_the_exact_auc_over_all_sites(tmp_path: Path) -> None:
         tracker=tracker,
         rounds_log=tmp_path / "rounds.jsonl",
         secure_aggregation=True,
+        campaign="pooled",
     )
     strategy._pending = RoundRecord(round=1)
     results = [(Site(name), site_result(name, y, s)) for name, y, s in sites]
@@ -68,3 +69,37 @@ def test_pooled_auc_equals_the_exact_auc_over_all_sites(tmp_path: Path) -> None:
     assert abs(mean_of_sites - exact) > 0.01  # the pooled figure is not the sites' average
     logged = json.loads((tmp_path / "rounds.jsonl").read_text())
     assert HISTOGRAM_KEY not in json.dumps(logged["sites"])  # counts are used, not stored
+
+
+def test_a_round_without_an_aggregate_is_recorded_and_counts_are_summed(tmp_path: Path) -> None:
+    """SecAgg+ halts below its threshold and never calls aggregate_fit: the round must still
+    appear in the round log, with the sites it asked, and skip counts add up over sites."""
+    tracker = Tracker(
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+        artifact_location=str(tmp_path / "artifacts"),
+        registered_model="test-model",
+        run_name="halted",
+    )
+    strategy = TrackedFedAvg(
+        bundle=build_bundle("tiny", seed=0),
+        tracker=tracker,
+        rounds_log=tmp_path / "rounds.jsonl",
+        secure_aggregation=True,
+        campaign="halted",
+        round_offset=4,  # a resumed campaign: Flower's round 1 is the campaign's round 5
+    )
+    strategy._sampled = {"11", "12"}
+    rng = np.random.default_rng(0)
+    results = []
+    for name, skipped in (("site-0", 1), ("site-1", 2)):
+        res = site_result(name, rng.integers(0, 2, 10), rng.random(10))
+        res.metrics["skipped_videos"] = skipped
+        results.append((Site(name), res))
+    strategy.aggregate_evaluate(1, results, [])
+
+    (logged,) = [json.loads(line) for line in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert logged["round"] == 5 and logged["model_version"] is None
+    assert logged["metrics"]["sites_participating"] == 0
+    assert logged["failures"] and "model unchanged" in logged["failures"][0]
+    assert logged["dropped"] == ["node 11", "node 12"]
+    assert logged["metrics"]["skipped_videos"] == 3  # a total over sites, not a mean

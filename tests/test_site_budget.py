@@ -57,15 +57,37 @@ def test_an_over_budget_round_is_refused_and_nothing_is_trained(site_config: Pat
 
 
 def test_a_round_is_never_trained_twice(site_config: Path) -> None:
+    """A resumed server asks again for the round it lost: the site re-sends, never retrains."""
     client = SiteClient(load_site_config(site_config), RUN_CONFIG)
     weights = get_weights(build_bundle("tiny", seed=0))
-    _, _, metrics = client.fit(weights, {"round": 1, "run_id": "r1"})
+    update, n, metrics = client.fit(weights, {"round": 1, "campaign": "c1", "run_id": "7"})
     spent = metrics["epsilon"]
-    with pytest.raises(PrivacyError, match="already trained round 1 of run r1"):
-        client.fit(weights, {"round": 1, "run_id": "r1"})
+    accountant = (site_config.parent / "state" / "accountant.json").read_text()
+
+    # Same campaign and round, same global model (a new Flower run after a restart; the
+    # first time it came as SecAgg+'s float64 aggregate, now as the registry's float32).
+    as_float64 = [w.astype(np.float64) for w in weights]
+    again, n_again, metrics_again = client.fit(
+        as_float64, {"round": 1, "campaign": "c1", "run_id": "8"}
+    )
+    assert n_again == n and json.dumps(metrics_again) == json.dumps(metrics)  # NaN-safe
+    assert all(np.array_equal(a, b) for a, b in zip(update, again, strict=True))
+    assert (site_config.parent / "state" / "accountant.json").read_text() == accountant
     assert len(entries(site_config)) == 2  # detector and classifier, once
-    _, _, again = client.fit(weights, {"round": 2, "run_id": "r1"})
-    assert again["epsilon"] > spent
+    events = (site_config.parent / "state" / "events.jsonl").read_text()
+    assert events.count('"fit-end"') == 1 and events.count('"fit-resent"') == 1
+
+    # The same round from another global model would be a second release: refused.
+    other = [w + 0.01 for w in weights]
+    with pytest.raises(PrivacyError, match="already trained round 1 of campaign c1"):
+        client.fit(other, {"round": 1, "campaign": "c1", "run_id": "8"})
+    assert len(entries(site_config)) == 2
+
+    _, _, next_round = client.fit(update, {"round": 2, "campaign": "c1", "run_id": "8"})
+    assert next_round["epsilon"] > spent
+    # Only the latest round's update is kept at the site.
+    kept = sorted(p.name for p in (site_config.parent / "state" / "sent").rglob("*.npz"))
+    assert kept == ["round-0002.npz"]
 
 
 def test_the_site_refuses_to_send_an_update_it_cannot_vouch_for() -> None:

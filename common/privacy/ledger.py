@@ -59,7 +59,10 @@ class UnsignedEntry(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
     site: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    run_id: str = Field(min_length=1, description="the federated run this round belongs to")
+    run_id: str = Field(
+        min_length=1,
+        description="the training campaign this round belongs to (it outlives server restarts)",
+    )
     round: int = Field(ge=0, description="the server's round number within the run")
     model: str = Field(
         min_length=1, description="'detector', 'classifier', or 'round' for a round refusal"

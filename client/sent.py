@@ -1,0 +1,110 @@
+"""The site's copy of the update it sent last, so that a repeated request costs no epsilon.
+
+A SuperLink or ServerApp that dies mid-round loses the round; when the federation resumes
+it asks the sites again for that round, from the same global model. Training again would
+draw fresh noise and spend the patients' privacy a second time. Re-sending the update
+already released is post-processing of a released output: it costs nothing more. So the
+site keeps, in its own state folder, the last update it sent with the fingerprint of the
+global model it started from, and answers a repeated request with it.
+
+The file never leaves the site (the server only ever sees it masked by SecAgg+). Only the
+latest round of a campaign is kept: an older one can never be asked for again, because a
+resumed federation restarts at the round after its last registered version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.common import NDArrays, Scalar
+
+SENT_DIR = "sent"
+
+
+def fingerprint(arrays: NDArrays) -> str:
+    """SHA-256 over every array's shape and float32 bytes: the identity of a global model.
+
+    float32 because that is what the site's models hold: SecAgg+ hands the server float64
+    aggregates, which the sites load as float32, while a model resumed from the registry is
+    sent as float32. Both are the same model and must match.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class SentUpdate:
+    weights: NDArrays
+    num_examples: int
+    metrics: dict[str, Scalar]
+
+
+class SentUpdates:
+    """``state/sent/<campaign>/round-NNNN.npz``: one site's released updates, latest only."""
+
+    def __init__(self, state: Path) -> None:
+        self.root = state / SENT_DIR
+
+    def _folder(self, campaign: str) -> Path:
+        # A campaign name comes from the server: keep it a plain file name at the site.
+        return self.root / re.sub(r"[^A-Za-z0-9._-]", "_", campaign)
+
+    def path(self, campaign: str, server_round: int) -> Path:
+        return self._folder(campaign) / f"round-{server_round:04d}.npz"
+
+    def save(
+        self,
+        campaign: str,
+        server_round: int,
+        *,
+        global_model: str,
+        update: SentUpdate,
+    ) -> Path:
+        """Write atomically (temp file, fsync, rename), then drop older rounds' files."""
+        folder = self._folder(campaign)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        final = self.path(campaign, server_round)
+        tmp = final.with_suffix(".tmp.npz")
+        meta = {
+            "global_model": global_model,
+            "num_examples": update.num_examples,
+            "metrics": update.metrics,
+        }
+        arrays: dict[str, Any] = {f"w{i:05d}": w for i, w in enumerate(update.weights)}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        with tmp.open("wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, final)
+        for old in folder.glob("round-*.npz"):
+            if old != final:
+                old.unlink(missing_ok=True)
+        return final
+
+    def load(self, campaign: str, server_round: int, *, global_model: str) -> SentUpdate | None:
+        """The update sent for this round from this same global model, or None."""
+        path = self.path(campaign, server_round)
+        if not path.exists():
+            return None
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            if meta["global_model"] != global_model:
+                return None
+            names = sorted(k for k in data.files if k.startswith("w"))
+            weights = [data[k] for k in names]
+        return SentUpdate(
+            weights=weights, num_examples=int(meta["num_examples"]), metrics=meta["metrics"]
+        )
