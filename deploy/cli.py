@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
+from deploy.federation_cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
 from deploy.synth_sheet import sheet_command
@@ -30,6 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(site_app, name="site")
+app.add_typer(federation_app, name="federation")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
 app.add_typer(audit_app, name="audit")
 app.command(name="synth-sheet")(sheet_command)

@@ -1,8 +1,12 @@
-"""Start a federation as real processes on 127.0.0.1 and stop every one of them.
+"""Start Flower's processes, talk to them with the flwr CLI, and stop every one of them.
+
+The shared pieces (``superlink_argv``, ``FlowerCli``, ``spawn``, ``stop_processes``) serve
+both ``LocalFederation`` (the demo and tests, on 127.0.0.1) and the consortium lead's
+``busfed federation`` commands.
 
 Flower starts its own processes (a SuperLink, one SuperNode per site, and the
 ``flwr-serverapp`` / ``flwr-clientapp`` children they spawn). Each one is started here in a
-process group of its own so that stopping it also stops its children, on success, failure
+session of its own, and stopping it stops its whole process tree, on success, failure
 or Ctrl-C alike.
 """
 
@@ -60,11 +64,61 @@ def config_string(values: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in values.items())
 
 
+def flower_env(flwr_home: Path) -> dict[str, str]:
+    """The environment for Flower's processes and its CLI, with ``flwr_home`` as FLWR_HOME."""
+    env = dict(os.environ)
+    # Flower spawns its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp)
+    # by name, so this interpreter's script folder must come first on PATH.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update(
+        FLWR_HOME=str(flwr_home),
+        FLWR_DISABLE_UPDATE_CHECK="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def write_profile(flwr_home: Path, *, address: str, ca_cert: Path, name: str = PROFILE) -> Path:
+    """Write the ``flwr`` CLI's connection profile ``name`` (TLS, trusting ``ca_cert``).
+
+    An identical file is left alone.
+    """
+    path = flwr_home / "config.toml"
+    text = (
+        f"[superlink]\ndefault = {toml_value(name)}\n\n"
+        f"[superlink.{name}]\n"
+        f"address = {toml_value(address)}\n"
+        f"root-certificates = {toml_value(str(ca_cert))}\n"
+    )
+    if not (path.is_file() and path.read_text() == text):
+        flwr_home.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return path
+
+
+def superlink_argv(pki: ConsortiumPKI, *, host: str, port: int, database: Path | None) -> list[str]:
+    """``flower-superlink`` as busfed always runs it: TLS, SuperNode authentication, and
+    no package installs at run time. Without ``database`` its state lives in memory."""
+    argv = [
+        _bin("flower-superlink"),
+        "--host", host,
+        "--port", str(port),
+        "--ssl-ca-certfile", str(pki.ca_cert),
+        "--ssl-certfile", str(pki.server_cert),
+        "--ssl-keyfile", str(pki.server_key),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+    ]  # fmt: skip
+    if database is not None:
+        argv += ["--database", str(database)]
+    return argv
+
+
 @dataclass
 class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
-    log: Path
+    log: Path | None
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -82,10 +136,168 @@ class ManagedProcess:
         psutil.wait_procs(tree, timeout=5)
 
     def tail(self, n: int = 30) -> str:
+        if self.log is None:
+            return ""
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
         except OSError:
             return ""
+
+
+def spawn(
+    name: str, argv: list[str], *, env: dict[str, str], cwd: Path, log: Path | None
+) -> ManagedProcess:
+    """Start ``argv`` in a session of its own; its output goes to ``log``, or to ours if None."""
+    handle = log.open("ab") if log is not None else None
+    try:
+        popen = subprocess.Popen(
+            argv,
+            stdout=handle,
+            stderr=subprocess.STDOUT if handle is not None else None,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+        )
+    finally:
+        if handle is not None:
+            handle.close()
+    return ManagedProcess(name=name, popen=popen, log=log)
+
+
+def stop_processes(processes: list[ManagedProcess]) -> None:
+    """Stop these processes and everything they spawned.
+
+    Flower detaches some children (flower-superexec, flwr-serverapp) into sessions of
+    their own, so process groups are not enough: the whole tree is collected first
+    (while parents still exist), then sent SIGTERM, then SIGKILL after a grace period.
+    """
+    tree: list[psutil.Process] = []
+    for proc in processes:
+        try:
+            root = psutil.Process(proc.popen.pid)
+            tree += [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            continue
+    for p in reversed(tree):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.terminate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=5)
+    for proc in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(timeout=1)
+
+
+def wait_listening(proc: ManagedProcess, host: str, port: int, *, timeout: float) -> None:
+    """Return once ``host:port`` accepts connections; raise if ``proc`` exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise FederationError(f"{proc.name} exited at start:\n{proc.tail()}")
+        with socket.socket() as s:
+            if s.connect_ex((host, port)) == 0:
+                return
+        time.sleep(0.3)
+    raise FederationError(f"{proc.name} did not listen on {host}:{port} in {timeout:.0f} s")
+
+
+def _json_reply(out: str, what: str) -> dict[str, Any]:
+    """The JSON object ``flwr ... --format json`` printed; FederationError if it failed.
+
+    The flwr CLI exits 0 after many errors and reports them as ``"success": false``.
+    """
+    try:
+        data = json.loads(out[out.index("{") :])
+    except ValueError as exc:
+        raise FederationError(f"{what}: no JSON answer from flwr:\n{out}") from exc
+    if not data.get("success", False):
+        # The message repeats flwr's progress output first; the cause is its last line.
+        lines = [x.strip() for x in str(data.get("error-message", out)).splitlines()]
+        raise FederationError(f"{what} failed: {[x for x in lines if x][-1]}")
+    return dict(data)
+
+
+@dataclass(frozen=True)
+class FlowerCli:
+    """The ``flwr`` CLI against one SuperLink connection profile in ``flwr_home``."""
+
+    flwr_home: Path
+    cwd: Path
+    profile: str = PROFILE
+
+    def __call__(self, *args: str, timeout: float = 120) -> str:
+        """Run ``flwr ARGS``; return its stdout, or raise FederationError naming the call."""
+        try:
+            res = subprocess.run(
+                [_bin("flwr"), *args],
+                env=flower_env(self.flwr_home),
+                cwd=self.cwd,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise FederationError(
+                f"flwr {' '.join(args)} did not answer in {timeout:.0f} s"
+            ) from exc
+        if res.returncode != 0:
+            raise FederationError(
+                f"flwr {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
+            )
+        return res.stdout
+
+    def passthrough(self, *args: str) -> int:
+        """Run ``flwr ARGS`` with its output on ours (``flwr log --stream``); its exit code."""
+        return subprocess.call(
+            [_bin("flwr"), *args],
+            env=flower_env(self.flwr_home),
+            cwd=self.cwd,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def json(self, *args: str, what: str, timeout: float = 120) -> dict[str, Any]:
+        return _json_reply(self(*args, "--format", "json", timeout=timeout), what)
+
+    def register(self, public_key: Path, *, name: str) -> int:
+        """Enrol a SuperNode public key; return the node id the SuperLink gave it."""
+        data = self.json(
+            "supernode", "register", str(public_key), self.profile, "--name", name,
+            what=f"registering {public_key} for {name}",
+        )  # fmt: skip
+        return int(data["node-id"])
+
+    def unregister(self, node_id: int) -> None:
+        """Remove a node: its SuperNode is disconnected and refused from then on."""
+        self.json(
+            "supernode", "unregister", str(node_id), self.profile,
+            what=f"unregistering node {node_id}",
+        )  # fmt: skip
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """``flwr supernode list``: node id (a string), status, and times."""
+        data = self.json("supernode", "list", self.profile, what="listing SuperNodes")
+        return list(data["nodes"])
+
+    def runs(self, run_id: int | None = None) -> list[dict[str, Any]]:
+        """``flwr list``: every run, or the one with ``run_id``."""
+        args = ["list", self.profile] + ([] if run_id is None else ["--run-id", str(run_id)])
+        return list(self.json(*args, what="listing runs")["runs"])
+
+    def submit(self, app: Path, run_config: Mapping[str, Any]) -> int:
+        """Submit the app for a run; return the run id."""
+        data = self.json(
+            "run", str(app), self.profile, "--run-config", config_string(run_config),
+            what=f"submitting the app in {app}",
+        )  # fmt: skip
+        return int(data["run-id"])
+
+    def stop_run(self, run_id: int) -> None:
+        self.json("stop", str(run_id), self.profile, what=f"stopping run {run_id}")
 
 
 @dataclass
@@ -104,14 +316,9 @@ class LocalFederation:
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
         # The lead's connection profile for the flwr CLI.
-        (self.flwr_home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{PROFILE}"\n\n'
-            f"[superlink.{PROFILE}]\n"
-            f'address = "{HOST}:{self.port}"\n'
-            f'root-certificates = "{self.pki.ca_cert}"\n'
-        )
+        write_profile(self.flwr_home, address=self.address, ca_cert=self.pki.ca_cert)
+        self.cli = FlowerCli(self.flwr_home, self.workdir)
 
     # ------------------------------------------------------------------ processes
     @property
@@ -119,84 +326,37 @@ class LocalFederation:
         return f"{HOST}:{self.port}"
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # Flower spawns its own helpers (flower-superexec, flwr-serverapp, flwr-clientapp)
-        # by name, so this interpreter's script folder must come first on PATH.
-        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(
-            FLWR_HOME=str(self.flwr_home),
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            PYTHONUNBUFFERED="1",
-        )
-        return env
+        return flower_env(self.flwr_home)
 
     def _spawn(
         self, name: str, argv: list[str], env: dict[str, str] | None = None
     ) -> ManagedProcess:
-        log = self.logs / f"{name}.log"
-        handle = log.open("ab")
-        popen = subprocess.Popen(
-            argv,
-            stdout=handle,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=env or self.env(),
-            cwd=self.workdir,
-            start_new_session=True,
+        proc = spawn(
+            name, argv, env=env or self.env(), cwd=self.workdir, log=self.logs / f"{name}.log"
         )
-        handle.close()
-        proc = ManagedProcess(name=name, popen=popen, log=log)
         self.processes.append(proc)
         return proc
 
     def start_superlink(self, *, database: Path | None = None) -> ManagedProcess:
-        argv = [
-            _bin("flower-superlink"),
-            "--host", HOST,
-            "--port", str(self.port),
-            "--ssl-ca-certfile", str(self.pki.ca_cert),
-            "--ssl-certfile", str(self.pki.server_cert),
-            "--ssl-keyfile", str(self.pki.server_key),
-            "--enable-supernode-auth",
-            "--disable-runtime-dependency-installation",
-        ]  # fmt: skip
-        if database is not None:
-            argv += ["--database", str(database)]
+        argv = superlink_argv(self.pki, host=HOST, port=self.port, database=database)
         proc = self._spawn("superlink", argv)
-        self._wait_listening(proc, timeout=60)
+        wait_listening(proc, HOST, self.port, timeout=60)
         return proc
-
-    def _wait_listening(self, proc: ManagedProcess, *, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not proc.alive():
-                raise FederationError(f"{proc.name} exited at start:\n{proc.tail()}")
-            with socket.socket() as s:
-                if s.connect_ex((HOST, self.port)) == 0:
-                    return
-            time.sleep(0.3)
-        raise FederationError(f"{proc.name} did not listen on {self.address} in {timeout:.0f} s")
 
     def flwr(self, *args: str, timeout: float = 120) -> str:
         """Run the ``flwr`` CLI against this federation's profile; return its stdout."""
-        res = subprocess.run(
-            [_bin("flwr"), *args],
-            env=self.env(),
-            cwd=self.workdir,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            stdin=subprocess.DEVNULL,
-        )
-        if res.returncode != 0:
-            raise FederationError(
-                f"flwr {' '.join(args)} failed ({res.returncode}):\n{res.stdout}\n{res.stderr}"
-            )
-        return res.stdout
+        return self.cli(*args, timeout=timeout)
 
-    def register(self, site: str, keys: NodeKeys) -> None:
-        """Enrol a site: the SuperLink accepts SuperNodes holding this key only."""
-        self.flwr("supernode", "register", str(keys.public_key), PROFILE, "--name", site)
+    def register(self, site: str, keys: NodeKeys) -> int:
+        """Enrol a site: the SuperLink accepts SuperNodes holding this key only.
+
+        Returns the node id the SuperLink gave it.
+        """
+        return self.cli.register(keys.public_key, name=site)
+
+    def unregister(self, node_id: int) -> None:
+        """Revoke a node: its SuperNode is disconnected and refused when it reconnects."""
+        self.cli.unregister(node_id)
 
     def start_supernode(
         self,
@@ -207,11 +367,13 @@ class LocalFederation:
         env: Mapping[str, str] | None = None,
         extra_args: list[str] | None = None,
         ca_cert: Path | None = None,
+        superlink: str | None = None,
     ) -> ManagedProcess:
-        """Start a site's SuperNode; ``ca_cert`` overrides the CA it trusts (tests)."""
+        """Start a site's SuperNode; ``ca_cert`` overrides the CA it trusts and
+        ``superlink`` the address it dials, e.g. a ``deploy.netproxy.TcpRelay`` (tests)."""
         argv = [
             _bin("flower-supernode"),
-            "--superlink", self.address,
+            "--superlink", superlink or self.address,
             "--root-certificates", str(ca_cert or self.pki.ca_cert),
             "--auth-supernode-private-key", str(keys.private_key),
             "--port", str(free_port()),
@@ -224,47 +386,17 @@ class LocalFederation:
 
     def run(self, app: Path, run_config: Mapping[str, Any]) -> int:
         """Submit the app for a run; return the run id."""
-        out = self.flwr(
-            "run", str(app), PROFILE, "--run-config", config_string(run_config), "--format", "json"
-        )
-        data = json.loads(out[out.index("{") :])
-        if not data.get("success", False):
-            raise FederationError(f"flwr run was refused: {out}")
-        return int(data["run-id"])
+        return self.cli.submit(app, run_config)
 
     def run_status(self, run_id: int) -> dict[str, Any]:
-        out = self.flwr("list", PROFILE, "--run-id", str(run_id), "--format", "json")
-        data = json.loads(out[out.index("{") :])
-        runs = data.get("runs", [])
+        runs = self.cli.runs(run_id)
         if not runs:
-            raise FederationError(f"run {run_id} is not known to the SuperLink: {out}")
+            raise FederationError(f"run {run_id} is not known to the SuperLink")
         return dict(runs[0])
 
     def stop(self) -> None:
-        """Stop every process started here and everything they spawned.
-
-        Flower detaches some children (flower-superexec, flwr-serverapp) into sessions of
-        their own, so process groups are not enough: the whole tree is collected first
-        (while parents still exist), then sent SIGTERM, then SIGKILL after a grace period.
-        """
-        tree: list[psutil.Process] = []
-        for proc in self.processes:
-            try:
-                root = psutil.Process(proc.popen.pid)
-                tree += [root, *root.children(recursive=True)]
-            except psutil.NoSuchProcess:
-                continue
-        for p in reversed(tree):
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.terminate()
-        _, alive = psutil.wait_procs(tree, timeout=10)
-        for p in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                p.kill()
-        psutil.wait_procs(alive, timeout=5)
-        for proc in self.processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=1)
+        """Stop every process started here and everything they spawned."""
+        stop_processes(self.processes)
 
     def __enter__(self) -> LocalFederation:
         return self

@@ -96,6 +96,9 @@ def known_flags(name: str) -> set[str]:
 
 
 def check_flags_exist(argv: list[str], where: str) -> None:
+    if Path(argv[0]).name == "busfed":  # a subcommand path: its options come from the app
+        check_cli_command(["busfed", *argv[1:]], where)
+        return
     name = command_name(argv)
     known = known_flags(name)
     unknown = [flag for flag in flags(argv) if flag not in known]
@@ -140,16 +143,32 @@ def test_supernode_unit_uses_the_site_key_ca_and_config():
     assert "--insecure" not in argv
 
 
-def test_superlink_unit_has_tls_auth_database_and_no_runtime_installs():
-    argv = exec_start(read_unit(DEPLOY / "systemd" / "busfed-superlink.service"))
+def test_superlink_unit_has_tls_auth_database_and_no_runtime_installs(tmp_path):
+    """The unit runs `busfed federation superlink`; the SuperLink it starts (the argv that
+    command builds from a consortium folder) has TLS, node auth, a database in that folder
+    and no runtime installs, with flags flower-superlink knows."""
+    from deploy.federation import init_consortium
+    from deploy.launcher import superlink_argv
+
+    unit = read_unit(DEPLOY / "systemd" / "busfed-superlink.service")
+    argv = exec_start(unit)
+    assert argv[1:4] == ["federation", "superlink", "--dir"], argv
+    folder = argv[4]
+    assert folder in unit["Service"]["ReadWritePaths"].split()
+    assert "130" in unit["Service"]["SuccessExitStatus"].split()  # busfed's exit on SIGTERM
+
+    consortium = init_consortium(tmp_path / "consortium", hosts=["127.0.0.1"])
+    built = superlink_argv(
+        consortium.pki, host=consortium.listen, port=consortium.port, database=consortium.database
+    )
+    check_flags_exist(built, "busfed federation superlink")
     for flag in (
         "--database", "--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile",
         "--enable-supernode-auth", "--disable-runtime-dependency-installation",
     ):  # fmt: skip
-        assert flag in argv
-    database = argv[argv.index("--database") + 1]
-    unit = read_unit(DEPLOY / "systemd" / "busfed-superlink.service")
-    assert Path(database).parent.as_posix() in unit["Service"]["ReadWritePaths"].split()
+        assert flag in built
+    assert Path(built[built.index("--database") + 1]).parent == tmp_path / "consortium"
+    assert Path(built[built.index("--ssl-keyfile") + 1]).is_file()
 
 
 def test_mlflow_unit_is_light_and_reads_its_secrets_from_a_file():
@@ -316,7 +335,8 @@ def resolve(argv: list[str]) -> tuple[list[str], click.Command]:
 
 def check_cli_command(argv: list[str], where: str) -> list[str]:
     path, command = resolve(argv)
-    assert not isinstance(command, click.Group) or argv[1:] in ([], ["--help"]), (
+    # A group alone only asks for its help: `busfed --help`, `busfed federation --help`.
+    assert not isinstance(command, click.Group) or argv[1 + len(path) :] in ([], ["--help"]), (
         f"{where}: `{shlex.join(argv)}` names no command"
     )
     known = {"--help"} | {o for p in command.params for o in (*p.opts, *p.secondary_opts)}
@@ -385,19 +405,22 @@ def test_python_one_liners_in_the_runbook_call_real_functions(runbook):
         check_snippet_calls(code, runbook.name)
 
 
-def test_the_pki_one_liner_makes_a_ca_and_a_superlink_certificate(tmp_path):
-    code = next(
-        c for c in python_snippets((DEPLOY / "runbooks" / "consortium.md").read_text())
-        if "create_consortium_pki" in c
+def test_the_runbook_init_makes_a_ca_and_a_superlink_certificate(tmp_path):
+    """The consortium runbook's `busfed federation init`, run into a temporary folder."""
+    from deploy.cli import app
+
+    argv = next(
+        argv for argv in shell_commands((DEPLOY / "runbooks" / "consortium.md").read_text())
+        if argv[:3] == ["busfed", "federation", "init"]
     )  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", code], cwd=tmp_path, env={**ENV, "PYTHONPATH": str(ROOT)},
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / "pki").iterdir()) == [
+    folder = argv.index("--dir") + 1
+    argv[folder] = str(tmp_path / "consortium")
+    result = CliRunner().invoke(app, argv[1:])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "consortium" / "pki").iterdir()) == [
         "ca.crt", "ca.key", "server.crt", "server.key",
     ]  # fmt: skip
+    assert (tmp_path / "consortium" / "consortium.toml").is_file()
 
 
 def test_every_runbook_busfed_command_answers_help():
@@ -414,6 +437,8 @@ def test_every_runbook_busfed_command_answers_help():
             if argv and Path(argv[0]).name == "busfed":
                 paths.add(tuple(resolve(["busfed", *argv[1:]])[0]))
     assert {("site", "ingest"), ("site", "doctor"), ("audit", "verify")} <= paths
+    lead = {"init", "superlink", "enrol", "revoke", "renew-cert", "start", "status", "stop"}
+    assert {("federation", command) for command in lead} <= paths
     from deploy.cli import app
 
     runner = CliRunner()
