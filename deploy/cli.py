@@ -85,13 +85,18 @@ def demo(
     sites: Annotated[int, typer.Option(min=3, max=5, help="number of hospitals")] = 3,
     patients: Annotated[int, typer.Option(min=4, help="patients per hospital")] = 16,
     replace: Annotated[bool, typer.Option(help="delete a previous demo in --out first")] = False,
+    model: Annotated[
+        str, typer.Option(help="wauve (detector + video classifier) or keyframe2d (comparator)")
+    ] = "wauve",
 ) -> None:
     """Three synthetic hospitals train the WAUVE models together: TLS, SecAgg+, DP, MLflow."""
+    from common.models.bundle import bundle_class
     from deploy.demo import DemoSettings, run_demo
 
-    run_demo(
-        out, DemoSettings(rounds=rounds, sites=sites, patients=patients), console, replace=replace
+    settings = DemoSettings(
+        rounds=rounds, sites=sites, patients=patients, model=bundle_class(model).kind
     )
+    run_demo(out, settings, console, replace=replace)
 
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention

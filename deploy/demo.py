@@ -47,6 +47,7 @@ class DemoSettings:
     size: int = 128
     seed: int = 7
     preset: str = "tiny"
+    model: str = "wauve"
     local_steps: int = 3
     learning_rate: float = 0.05
     secure_aggregation: bool = True
@@ -71,6 +72,7 @@ def demo_site_config(
             require_secure_aggregation=require_secure_aggregation,
             detector=model,
             classifier=model,
+            keyframe=model,  # the comparator, should the consortium run it
         ),
         training=SiteTraining(frame_stride=2, max_frames_per_video=16, max_local_steps=3),
     )
@@ -133,6 +135,7 @@ def run_config_for(out: Path, settings: DemoSettings) -> dict[str, Any]:
     return {
         "num-server-rounds": settings.rounds,
         "preset": settings.preset,
+        "model": settings.model,
         "secure-aggregation": settings.secure_aggregation,
         "min-sites": max(2, settings.sites - 1),
         "local-steps": settings.local_steps,
