@@ -166,8 +166,7 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
     for col in (
         "round",
         "sites",
-        "det loss",
-        "cls loss",
+        "training loss",
         "pooled val AUC",
         "max ε",
         "version",
@@ -183,8 +182,13 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
         table.add_row(
             str(r["round"]),
             f"{len(r['sites'])}" + (f" ({len(r['dropped'])} dropped)" if r["dropped"] else ""),
-            fmt("detector_loss"),
-            fmt("classifier_loss"),
+            # Each network of the model the campaign trains (WAUVE's two, or the comparator).
+            " ".join(
+                f"{key.removesuffix('_loss')} {m[key]:.3f}"
+                for key in ("detector_loss", "classifier_loss", "keyframe_loss")
+                if key in m
+            )
+            or "-",
             fmt("pooled_patient_val_auc"),
             fmt("epsilon_max", ".2f"),
             str(r.get("model_version")),
