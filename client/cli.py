@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
+from common.cli import exit_codes
 from common.config import SiteConfig, render_site_config
 from common.data.manifest import load_site
 from common.errors import BusfedError, UsageError, ValidationFailed
@@ -139,7 +140,7 @@ def init(
         ),
     ] = False,
 ) -> None:
-    try:
+    with exit_codes():
         model = {
             "noise_multiplier": noise_multiplier,
             "max_grad_norm": max_grad_norm,
@@ -193,9 +194,6 @@ def init(
         create_signing_key(keys, site=name)
         with config_path.open("x") as f:
             f.write(text)
-    except BusfedError as error:
-        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=error.exit_code) from error
 
     console = Console(highlight=False)
     console.print(f"Site [bold]{name}[/bold] set up: {config_path}", soft_wrap=True)
@@ -287,7 +285,7 @@ def ingest(
     from client.ingest import ingest as run_ingest
 
     console = Console(highlight=False)
-    try:
+    with exit_codes():
         secret = load_secret(secret_file)
         with Progress(
             "[bold]ingesting", BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -303,9 +301,6 @@ def ingest(
                 key_frames=key_frames,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
-    except BusfedError as error:
-        Console(stderr=True).print(f"[red]error:[/red] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code=error.exit_code) from error
 
     if report.rejected:
         table = Table("file", "reason", title="Rejected files")

@@ -7,18 +7,16 @@ errors to exit codes.
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from common.errors import BusfedError
+from common.cli import reports_errors
 from deploy.federation import (
     DEFAULT_PORT,
     DEFAULT_REGISTERED_MODEL,
@@ -40,8 +38,6 @@ federation_app = typer.Typer(
     no_args_is_help=True,
 )
 
-P = ParamSpec("P")
-R = TypeVar("R")
 
 DirOption = Annotated[
     Path,
@@ -58,22 +54,6 @@ EXIT_FEDERATION = "5  the SuperLink is unreachable, refused the request, or exit
 
 def _exit_codes(*lines: str) -> str:
     return "\n\nExit codes:\n0  success\n" + "\n".join(lines)
-
-
-def _reports_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """A BusfedError becomes its message on stderr and its exit code (as in `busfed site`)."""
-
-    @functools.wraps(command)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return command(*args, **kwargs)
-        except BusfedError as error:
-            Console(stderr=True).print(
-                f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=error.exit_code) from error
-
-    return wrapper
 
 
 def _console() -> Console:
@@ -103,7 +83,7 @@ INIT_HELP = (
     help=INIT_HELP,
     short_help="Create a consortium: CA, SuperLink certificate, consortium.toml, flwr profile.",
 )
-@_reports_errors
+@reports_errors
 def init(
     directory: DirOption,
     host: Annotated[
@@ -185,7 +165,7 @@ SUPERLINK_HELP = (
     help=SUPERLINK_HELP,
     short_help="Run the SuperLink in the foreground (TLS, node auth, state on disk).",
 )
-@_reports_errors
+@reports_errors
 def superlink(directory: DirOption) -> None:
     console = _console()
     serve_superlink(Consortium.load(directory), announce=lambda text: console.print(escape(text)))
@@ -205,7 +185,7 @@ ENROL_HELP = (
 
 
 @federation_app.command(help=ENROL_HELP, short_help="Enrol a site's SuperNode public key.")
-@_reports_errors
+@reports_errors
 def enrol(
     site: Annotated[str, typer.Argument(metavar="SITE", help="The site's name.")],
     public_key: Annotated[
@@ -241,7 +221,7 @@ REVOKE_HELP = (
 @federation_app.command(
     help=REVOKE_HELP, short_help="Revoke a site: its SuperNode is disconnected and refused."
 )
-@_reports_errors
+@reports_errors
 def revoke(
     site: Annotated[str, typer.Argument(metavar="SITE", help="An enrolled site's name.")],
     directory: DirOption,
@@ -271,7 +251,7 @@ RENEW_HELP = (
     help=RENEW_HELP,
     short_help="Reissue the SuperLink certificate from the same CA.",
 )
-@_reports_errors
+@reports_errors
 def renew_cert(
     directory: DirOption,
     days: Annotated[
@@ -313,7 +293,7 @@ START_HELP = (
 
 
 @federation_app.command(help=START_HELP, short_help="Start a training run; print its run id.")
-@_reports_errors
+@reports_errors
 def start(
     directory: DirOption,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds in this run.")],
@@ -384,7 +364,7 @@ STOP_HELP = "Stop RUN_ID, or the one run still active." + _exit_codes(
 
 
 @federation_app.command(help=STOP_HELP, short_help="Stop a run.")
-@_reports_errors
+@reports_errors
 def stop(
     directory: DirOption,
     run_id: Annotated[int | None, typer.Argument(metavar="[RUN_ID]")] = None,
@@ -399,7 +379,7 @@ LOG_HELP = "Show the ServerApp's log of RUN_ID (default: the one run still activ
 
 
 @federation_app.command(help=LOG_HELP, short_help="Show a run's ServerApp log.")
-@_reports_errors
+@reports_errors
 def log(
     directory: DirOption,
     run_id: Annotated[int | None, typer.Argument(metavar="[RUN_ID]")] = None,
@@ -435,7 +415,7 @@ STATUS_HELP = (
 @federation_app.command(
     help=STATUS_HELP, short_help="Sites online, privacy spent, runs, latest model version."
 )
-@_reports_errors
+@reports_errors
 def status(
     directory: DirOption,
     as_json: Annotated[

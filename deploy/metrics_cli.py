@@ -13,11 +13,10 @@ reported with its line and column, never dropped in silence.
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -28,10 +27,10 @@ import numpy as np
 import typer
 from rich import box
 from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
-from common.errors import BusfedError, DataError, UsageError
+from common.cli import reports_errors
+from common.errors import DataError, UsageError
 from common.metrics import (
     Direction,
     GroupReport,
@@ -705,21 +704,5 @@ def metrics_command(
         stderr.print(f"ROC curves -> {roc_plot}", soft_wrap=True)
 
 
-def _exit_codes(command: Callable[..., None]) -> Callable[..., None]:
-    """``command`` with a ``BusfedError`` turned into its message and exit code."""
-
-    @functools.wraps(command)
-    def run(*args: Any, **kwargs: Any) -> None:
-        try:
-            command(*args, **kwargs)
-        except BusfedError as error:
-            Console(stderr=True).print(
-                f"[red]error:[/red] {escape(str(error))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(code=error.exit_code) from error
-
-    return run
-
-
 metrics_app = typer.Typer(pretty_exceptions_enable=False)
-metrics_app.command(name="metrics", help=METRICS_HELP)(_exit_codes(metrics_command))
+metrics_app.command(name="metrics", help=METRICS_HELP)(reports_errors(metrics_command))

@@ -16,8 +16,6 @@ import csv
 import json
 import math
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
@@ -28,7 +26,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from common.errors import BusfedError, DataError, TrackingError, UsageError
+from common.cli import exit_codes
+from common.errors import DataError, TrackingError, UsageError
 from common.pipeline.config import PipelineConfig, PreprocessConfig
 
 if TYPE_CHECKING:
@@ -127,7 +126,7 @@ def predict_command(
     from common.pipeline.render import annotate_frames, report_dict, save_heatmap
     from common.pipeline.run import run_pipeline
 
-    with _exit_codes():
+    with exit_codes():
         config = PipelineConfig(
             score_threshold=score_threshold,
             max_gap=max_gap,
@@ -194,7 +193,7 @@ def evaluate_command(
     from common.models.bundle import KeyFrameBundle
     from common.pipeline.run import run_pipeline
 
-    with _exit_codes():
+    with exit_codes():
         if split != "all" and split not in SPLITS:
             raise UsageError(f"--split must be one of {', '.join(SPLITS)} or all, got {split!r}")
         _check_out(out)
@@ -336,18 +335,6 @@ def load_model(model: str, *, tracking_uri: str | None) -> tuple[ModelBundle, di
             raise TrackingError(f"{model} at {tracking_uri}: {error.message}") from None
         bundle, card = load_bundle_dir(Path(folder))
     return bundle, {**info, "card": card}
-
-
-@contextmanager
-def _exit_codes() -> Iterator[None]:
-    """A ``BusfedError`` becomes its message on stderr and its exit code."""
-    try:
-        yield
-    except BusfedError as error:
-        Console(stderr=True, highlight=False).print(
-            f"[red]error:[/red] {error}", soft_wrap=True, markup=True
-        )
-        raise typer.Exit(code=error.exit_code) from error
 
 
 def _check_out(out: Path) -> None:
