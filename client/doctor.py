@@ -8,7 +8,7 @@ the dataset, the site's keys, the consortium CA certificate, the SuperLink over 
 enrolment, and the privacy budget left. Enrolment is reported as ``not checked``: Flower
 1.41 has no read-only way for a SuperNode to ask whether its key is registered, and a
 trial ``flower-supernode`` would register a live node to which the SuperLink could hand
-a running round's work. The lead can tell with ``flwr supernode list``.
+a running round's work. The lead can tell with ``busfed federation status``.
 """
 
 from __future__ import annotations
@@ -379,7 +379,7 @@ def check_enrolment() -> Check:
         "not checked",
         "Flower 1.41 cannot tell a SuperNode whether its key is registered without "
         "connecting it as a live node",
-        "ask the consortium lead to confirm with `flwr supernode list`",
+        "ask the consortium lead to confirm with `busfed federation status`",
     )
 
 

@@ -177,7 +177,7 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
         m = r["metrics"]
 
         def fmt(key: str, spec: str = ".3f", m: dict[str, Any] = m) -> str:
-            return format(m[key], spec) if key in m else "-"
+            return format(m[key], spec) if m.get(key) is not None else "-"
 
         table.add_row(
             str(r["round"]),
@@ -186,7 +186,7 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
             " ".join(
                 f"{key.removesuffix('_loss')} {m[key]:.3f}"
                 for key in ("detector_loss", "classifier_loss", "keyframe_loss")
-                if key in m
+                if m.get(key) is not None
             )
             or "-",
             fmt("pooled_patient_val_auc"),

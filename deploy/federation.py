@@ -782,7 +782,9 @@ def active_run(consortium: Consortium) -> int:
     """The id of the one run that has not finished; UsageError if none or several."""
     runs = [r for r in consortium.cli().runs() if not str(r["status"]).startswith("finished")]
     if not runs:
-        raise UsageError(f"no run is active on {consortium.address}")
+        launches = read_launches(consortium.launch_log)
+        latest = f"; the latest run started here is {launches[-1].run_id}" if launches else ""
+        raise UsageError(f"no run is active on {consortium.address}{latest}: name a RUN_ID")
     if len(runs) > 1:
         listed = ", ".join(f"{r['run-id']} ({r['status']})" for r in runs)
         raise UsageError(f"several runs are active: {listed}; name one RUN_ID")

@@ -441,7 +441,13 @@ def _print_status(report: dict[str, Any]) -> None:
     console = _console()
     colour = {"online": "green", "offline": "yellow", "unregistered": "red"}
     sites = Table(title=f"sites of {report['consortium']} (SuperLink {report['superlink']})")
-    for column in ("site", "enrolment", "SuperNode", "key", "ε spent", "δ", "budget"):
+    # Names and ids are never cut short: they are what people copy and tell apart.
+    sites.add_column(
+        "site",
+        no_wrap=True,
+        min_width=len(max((s["site"] for s in report["sites"]), key=len, default="site")),
+    )
+    for column in ("enrolment", "SuperNode", "key", "ε spent", "δ", "budget"):
         sites.add_column(column)
     sites.add_column("left", justify="right")
     for site in report["sites"]:
@@ -463,7 +469,8 @@ def _print_status(report: dict[str, Any]) -> None:
             "the enrolment log[/]"
         )
     runs = Table(title="runs")
-    for column in ("run", "status", "campaign", "rounds done", "last version", "out-dir"):
+    runs.add_column("run", no_wrap=True, min_width=20)  # Flower run ids have up to 20 digits
+    for column in ("status", "campaign", "rounds done", "last version", "out-dir"):
         runs.add_column(column)
     for run in report["runs"]:
         planned = run["rounds"]

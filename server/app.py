@@ -6,7 +6,6 @@ Legacy Flower path on purpose: ``SecAggPlusWorkflow`` runs only with ``LegacyCon
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from logging import INFO
 from pathlib import Path
@@ -19,7 +18,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 
 from common.errors import FederationError
 from common.models.bundle import DEFAULT_MODEL, ModelBundle, build_bundle, bundle_class, get_weights
-from server.strategy import TrackedFedAvg, privacy_from_tags
+from server.strategy import TrackedFedAvg, privacy_from_tags, strict_json
 from server.tracking import Tracker
 
 app = ServerApp()
@@ -209,4 +208,4 @@ def main(grid: Grid, context: Context) -> None:
         result = summary(strategy, tracker, secure=secure)
         result["campaign"] = campaign
         result["resumed_from"] = start.as_json()
-        (out_dir / "summary.json").write_text(json.dumps(result, indent=2, default=float))
+        (out_dir / "summary.json").write_text(strict_json(result, indent=2))

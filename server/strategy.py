@@ -42,6 +42,22 @@ SUMMED_EVALUATE = ("skipped_rows", "skipped_videos", "box_problems", "val_patien
 PRIVACY_TAGS = ("epsilon", "delta", "epsilon_budget")
 
 
+def strict_json(value: Any, *, indent: int | None = None) -> str:
+    """JSON that strict parsers accept: NaN and infinities (a site that sampled nobody has no
+    loss) become null."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float | np.floating):
+            return float(v) if np.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list | tuple):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, indent=indent)
+
+
 def privacy_tags(sites: dict[str, dict[str, float]]) -> dict[str, str]:
     """``{"epsilon.<site>": "5.372000", "delta.<site>": "1e-05", ...}`` for every site."""
     formats = {"epsilon": ".6f", "delta": "g", "epsilon_budget": "g"}
@@ -287,7 +303,7 @@ class TrackedFedAvg(FedAvg):
         self.records.append(record)
         self.rounds_log.parent.mkdir(parents=True, exist_ok=True)
         with self.rounds_log.open("a") as f:
-            f.write(json.dumps(record.as_json(), default=float) + "\n")
+            f.write(strict_json(record.as_json()) + "\n")
         self.tracker.log_json(record.as_json(), f"rounds/round-{record.round:04d}.json")
 
     def finish(self) -> None:

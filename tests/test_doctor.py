@@ -66,7 +66,7 @@ def test_a_good_site_passes_its_local_checks(site):
     assert checks["gpu"].status in ("pass", "warn")  # CPU only is a warning, not a failure
     assert checks["superlink"].status == "not checked"
     assert checks["enrolment"].status == "not checked"
-    assert "flwr supernode list" in checks["enrolment"].fix
+    assert "busfed federation status" in checks["enrolment"].fix
     assert exit_code(list(checks.values())) == 0
 
 

@@ -35,6 +35,7 @@ pytestmark = pytest.mark.e2e
 
 SMALL = DemoSettings(rounds=1, sites=3, patients=6, frames=16, size=64, local_steps=1)
 QUIET = Console(quiet=True)
+RESTART_SEC = 10  # deploy/systemd/busfed-supernode@.service waits 30 s; a test, less
 
 
 def processes_mentioning(text: str) -> list[str]:
@@ -110,12 +111,15 @@ def test_unregistered_site_and_untrusted_ca_are_refused(tmp_path: Path) -> None:
         assert all(n["status"] != "online" for n in nodes)
 
 
-def test_round_completes_when_a_site_dies_mid_round(tmp_path: Path) -> None:
+def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
+    tmp_path: Path,
+) -> None:
     out = tmp_path / "fed"
-    settings = DemoSettings(**{**SMALL.__dict__, "secagg_timeout": 40.0})
+    settings = DemoSettings(**{**SMALL.__dict__, "rounds": 2, "secagg_timeout": 40.0})
     configs = prepare_sites(out, settings, QUIET)
     pki = create_consortium_pki(out / "pki", hosts=["127.0.0.1"])
     victim = configs[2]
+    site = victim.parent.name
     events = victim.parent / "state" / "events.jsonl"
     with LocalFederation(out / "federation", pki) as fed:
         fed.start_superlink()
@@ -125,20 +129,37 @@ def test_round_completes_when_a_site_dies_mid_round(tmp_path: Path) -> None:
         while not (events.exists() and "fit-start" in events.read_text()):
             assert time.monotonic() < deadline, "the victim site never started training"
             time.sleep(0.5)
-        node = next(p for p in fed.processes if p.name == f"supernode-{victim.parent.name}")
+        node = next(p for p in fed.processes if p.name == f"supernode-{site}")
         node.kill()  # the hospital's machine dies mid-training
 
-        deadline = time.monotonic() + 400
+        # ... and comes back at once. The SuperLink refuses the node's key until it has
+        # noticed the old connection is gone (60 s without heartbeat), so the SuperNode
+        # exits; like systemd's Restart=on-failure (deploy/systemd), start it again.
+        def restart() -> None:
+            fed.start_supernode(site, site_keys(victim), node_config={"site-config": str(victim)})
+
+        restart()
+        restarts, last_start = 0, time.monotonic()
+        deadline = time.monotonic() + 600
         while not (status := fed.run_status(run_id)["status"]).startswith("finished"):
-            assert time.monotonic() < deadline, "the round never finished"
+            assert time.monotonic() < deadline, "the run never finished"
+            if not fed.processes[-1].alive() and time.monotonic() - last_start > RESTART_SEC:
+                restarts += 1
+                assert restarts < 10, fed.processes[-1].tail()
+                restart()
+                last_start = time.monotonic()
             time.sleep(2)
     assert status == "finished:completed"
     summary = json.loads((out / "summary.json").read_text())
-    round1 = summary["rounds"][0]
+    round1, round2 = summary["rounds"]
     assert round1["sites"] == ["hospital-a", "hospital-b"]
     assert round1["model_version"] == "1"
     assert len(round1["dropped"]) == 1  # named, not silently missing
-    assert "fit-end" not in events.read_text()
+    # The site that died is back in the next round, and trained it.
+    assert round2["sites"] == ["hospital-a", "hospital-b", "hospital-c"]
+    assert round2["model_version"] == "2" and round2["dropped"] == []
+    trained = [(e["event"], e["round"]) for e in map(json.loads, events.open())]
+    assert ("fit-end", 1) not in trained and ("fit-end", 2) in trained
     assert site_keys(victim).private_key.exists()
 
 
