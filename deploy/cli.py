@@ -89,7 +89,7 @@ def demo(
         str, typer.Option(help="wauve (detector + video classifier) or keyframe2d (comparator)")
     ] = "wauve",
 ) -> None:
-    """Three synthetic hospitals train the WAUVE models together: TLS, SecAgg+, DP, MLflow."""
+    """Synthetic hospitals train WAUVE (or its comparator) together: TLS, SecAgg+, DP, MLflow."""
     from common.models.bundle import bundle_class
     from deploy.demo import DemoSettings, run_demo
 
