@@ -393,7 +393,9 @@ def test_status_without_a_superlink_still_shows_the_log_and_mlflow(tmp_path):
         at=dt.datetime.now(dt.UTC), public_key=keys.public_key.read_text().strip(),
     )  # fmt: skip
     (tmp_path / "c" / ENROLMENT_LOG).write_text(entry.model_dump_json() + "\n")
-    client = MlflowClient(tracking_uri=consortium.mlflow_tracking_uri)
+    client = MlflowClient(
+        tracking_uri=consortium.mlflow_tracking_uri, registry_uri=consortium.mlflow_tracking_uri
+    )
     client.create_registered_model("busfed-wauve")
     for round_, epsilon in ((1, "0.9"), (2, "1.4")):
         client.create_model_version(

@@ -59,7 +59,9 @@ def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
     assert json.loads((out / "summary.json").read_text())["rounds"] == summary["rounds"]
 
     # One registered version for the round, carrying its model card and the sites' epsilons.
-    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
+    client = MlflowClient(
+        tracking_uri=summary["mlflow_tracking_uri"], registry_uri=summary["mlflow_tracking_uri"]
+    )
     versions = client.search_model_versions(f"name = '{summary['registered_model']}'")
     assert [str(v.version) for v in versions] == [round1["model_version"]] == ["1"]
     tags = versions[0].tags
@@ -172,6 +174,9 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "COLUMNS": "120"},
+        # As from a terminal: a test runner started in the background (`cmd &` in a script)
+        # passes SIGINT down ignored, and Python then never turns it into KeyboardInterrupt.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     assert demo.stdout is not None
     seen = []

@@ -82,7 +82,8 @@ def test_superlink_killed_mid_round_resumes_with_nothing_lost_or_doubled(tmp_pat
     pki = create_consortium_pki(out / "pki", hosts=["127.0.0.1"])
     run_config = {**run_config_for(out, SETTINGS), "campaign": CAMPAIGN}
     database = out / "federation" / "superlink.db"
-    registry = MlflowClient(tracking_uri=run_config["mlflow-tracking-uri"])
+    uri = run_config["mlflow-tracking-uri"]
+    registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
     model = "busfed-wauve"
 
     with LocalFederation(out / "federation", pki) as fed:
