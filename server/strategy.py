@@ -101,12 +101,16 @@ class RoundRecord:
     failures: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     model_version: str | None = None
+    # Sites that evaluated the round's model without having trained it (for example a site
+    # that came back online mid-round): their validation metrics, kept apart from `sites`.
+    evaluated_only: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any]:
         return {
             "round": self.round,
             "metrics": self.metrics,
             "sites": self.sites,
+            "evaluated_only": self.evaluated_only,
             "failures": self.failures,
             "dropped": self.dropped,
             "model_version": self.model_version,
@@ -277,7 +281,9 @@ class TrackedFedAvg(FedAvg):
                 record.metrics[key] = value
         for _, r in results:
             site = str(r.metrics.get("site", "?"))
-            record.sites.setdefault(site, {}).update(
+            # `sites` lists the sites whose updates made this round's model, nothing else.
+            into = record.sites if site in record.sites else record.evaluated_only
+            into.setdefault(site, {}).update(
                 {f"eval.{k}": v for k, v in r.metrics.items() if k not in ("site", HISTOGRAM_KEY)}
             )
         eval_metrics = {k: record.metrics[k] for k in keys if k in record.metrics}
