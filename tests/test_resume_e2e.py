@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from mlflow import MlflowClient
 from rich.console import Console
 
@@ -152,13 +153,26 @@ def test_superlink_killed_mid_round_resumes_with_nothing_lost_or_doubled(tmp_pat
         p for p in out.rglob("*") if p.is_file() and (out / "sites") not in p.parents
     ]
     assert any(p.name == "superlink.db" for p in consortium_files)
+
+    def window(array: np.ndarray) -> np.ndarray:
+        flat = array.ravel()
+        return flat[flat.size // 2 : flat.size // 2 + 16]
+
+    # Positive control: the same search finds what the server does write, the global model
+    # (each registered version's weights.pt), so a site's update written the same way would
+    # be found too.
+    (weights,) = (out / "mlartifacts").rglob("round-0002/weights.pt")
+    state = torch.load(weights, map_location="cpu")
+    largest_global = max(
+        (t for part in state.values() for t in part.values()), key=lambda t: t.numel()
+    )
+    needle = window(largest_global.numpy()).astype(np.float32).tobytes()
+    assert any(needle in p.read_bytes() for p in consortium_files)
     for config in configs:
         (sent,) = (config.parent / "state" / "sent").rglob("round-0002.npz")
         with np.load(sent) as data:
-            largest = max((data[k] for k in data.files if k != "meta"), key=np.size).ravel()
-        mid = largest.size // 2
-        window = largest[mid : mid + 16]
-        needles = [window.astype(np.float32).tobytes(), window.astype(np.float64).tobytes()]
+            update = window(max((data[k] for k in data.files if k != "meta"), key=np.size))
+        needles = [update.astype(np.float32).tobytes(), update.astype(np.float64).tobytes()]
         for path in consortium_files:
             blob = path.read_bytes()
             for needle in needles:
