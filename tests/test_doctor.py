@@ -6,10 +6,6 @@ import datetime as dt
 import json
 import shutil
 import socket
-import ssl
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +22,7 @@ from common.config import load_site_config, render_site_config
 from common.data.synth import generate_site
 from common.privacy.accountant import SiteAccountant
 from deploy.pki import ConsortiumPKI, create_consortium_pki
+from tests.tls import tls_server
 
 LOCAL = ("python", "packages", "disk", "dataset", "keys", "ca", "budget")
 
@@ -130,38 +127,6 @@ def test_an_expired_ca_fails_and_one_expiring_soon_warns(site, tmp_path):
 
     missing = by_name(run_checks(site, ca=tmp_path / "none.crt"))["ca"]
     assert missing.status == "fail" and "no consortium CA certificate" in missing.detail
-
-
-@contextmanager
-def tls_server(cert: Path, key: Path) -> Iterator[str]:
-    """A TLS server on 127.0.0.1 that completes handshakes (or fails them) and hangs up."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(5)
-            try:
-                with context.wrap_socket(conn, server_side=True):
-                    pass
-            except (ssl.SSLError, OSError):
-                conn.close()  # the client refused our certificate
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
 
 
 def test_superlink_reachable_over_tls_passes(site, pki):

@@ -14,14 +14,10 @@ import os
 import shutil
 import signal
 import socket
-import ssl
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -47,6 +43,7 @@ from deploy.federation import (
 )
 from deploy.federation_cli import federation_app
 from deploy.launcher import LocalFederation, free_port
+from tests.tls import tls_server
 
 runner = CliRunner()
 BUSFED = Path(sys.executable).parent / "busfed"
@@ -206,38 +203,6 @@ def test_renew_cert_with_the_ca_key_offline_or_the_wrong_key(tmp_path):
 
     assert invoke("renew-cert", "--dir", tmp_path / "c", "--ca-key", offline).exit_code == 0
     assert pki.server_cert.read_bytes() != cert
-
-
-@contextmanager
-def tls_server(cert: Path, key: Path) -> Iterator[str]:
-    """A TLS server on 127.0.0.1 that completes one handshake per connection."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except TimeoutError:
-                continue
-            conn.settimeout(5)
-            try:
-                with context.wrap_socket(conn, server_side=True):
-                    pass
-            except (ssl.SSLError, OSError):
-                conn.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
 
 
 def test_a_site_trusts_the_renewed_certificate_and_doctor_warns_before_it_expires(tmp_path):
