@@ -176,15 +176,16 @@ def run_setting(
                 max_frames_per_video=MAX_FRAMES_PER_VIDEO,
             )
             set_weights(bundle, global_weights)
+            # Seeded randomness (secure_rng=False): settings are compared on the same draws.
             generator = torch.Generator().manual_seed(seed * 1000 + round_ * 10 + index)
             if setting.detector:
                 train_detector(
                     bundle.detector, units.detector, dp=dp, steps=setting.steps,
-                    lr=setting.lr, device=device, generator=generator,
+                    lr=setting.lr, device=device, generator=generator, secure_rng=False,
                 )  # fmt: skip
             train_classifier(
                 bundle.classifier, units.classifier, dp=dp, steps=setting.steps,
-                lr=setting.lr, device=device, generator=generator,
+                lr=setting.lr, device=device, generator=generator, secure_rng=False,
             )  # fmt: skip
             fit_seconds.append(time.perf_counter() - started)
             fit_cpu_seconds.append(time.process_time() - started_cpu)

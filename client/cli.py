@@ -161,6 +161,7 @@ def init(
                     "delta": delta,
                     "accountant": accountant,
                     "require_secure_aggregation": True,
+                    "secure_rng": True,
                     "detector": model,
                     "classifier": model,
                     **({"keyframe": model} if keyframe else {}),

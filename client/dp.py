@@ -5,6 +5,10 @@ all of that patient's data), stacked into ``p.grad_sample`` -> Opacus' ``DPOptim
 clips each patient's gradient to norm C, sums, adds N(0, (sigma C)^2) noise and divides
 by the expected batch size q N -> plain SGD. How the per-patient gradients are computed
 differs per network (``client.train``); the rest is here.
+
+Randomness: with ``secure_rng`` the draws and the noise come from a CSPRNG
+(``client.secure_rng``, the production setting); without it, from a seeded torch
+generator, reproducible and predictable, for tests and benchmarks only.
 """
 
 from __future__ import annotations
@@ -12,14 +16,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from torch import nn
 
+from client.secure_rng import ChaCha20Random
 from common.errors import DataError, PrivacyError, UsageError
+from common.privacy.ledger import NoiseSource
 
 PRIVACY_UNIT = "patient"
+SECURE_NOISE: NoiseSource = "chacha20-csprng"
+INSECURE_NOISE: NoiseSource = "torch-prng-insecure"
 
 # Given the indices of the sampled units, return for every trained parameter p a
 # FloatTensor[len(indices), *p.shape] (row i: unit indices[i]'s unclipped gradient), and
@@ -70,11 +80,39 @@ class MechanismRecord:
     max_grad_norm: float
     steps: int
     mean_loss: float
+    noise_source: NoiseSource  # where the noise and the patient draws came from
 
 
-def poisson_sample(n_units: int, sample_rate: float, generator: torch.Generator) -> list[int]:
+class CSPRNGNoiseDPOptimizer(DPOptimizer):
+    """Opacus' ``DPOptimizer`` with its noise drawn from ``rng``, a CSPRNG.
+
+    Clipping, accumulation and scaling are Opacus'; only ``add_noise`` differs: the same
+    construction as Opacus' ``secure_mode`` (``ChaCha20Random.gaussian_like``), with the
+    normals from ``rng`` instead of a torch generator.
+    """
+
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, *, rng: ChaCha20Random, **kwargs: Any
+    ) -> None:
+        super().__init__(optimizer, secure_mode=True, generator=None, **kwargs)
+        self.rng = rng
+
+    def add_noise(self) -> None:
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            _check_processed_flag(p.summed_grad)
+            p.grad = (p.summed_grad + self.rng.gaussian_like(p.summed_grad, std)).view_as(p)
+            _mark_as_processed(p.summed_grad)
+
+
+def poisson_sample(
+    n_units: int, sample_rate: float, generator: torch.Generator | ChaCha20Random
+) -> list[int]:
     """Indices of the units drawn, each independently with probability ``sample_rate``."""
-    draws = torch.rand(n_units, generator=generator, device=generator.device)
+    if isinstance(generator, ChaCha20Random):
+        draws = generator.uniform(n_units)
+    else:
+        draws = torch.rand(n_units, generator=generator, device=generator.device)
     return torch.nonzero(draws < sample_rate).flatten().tolist()
 
 
@@ -89,32 +127,44 @@ def run_dp_sgd(
     lr: float,
     device: torch.device,
     generator: torch.Generator,
+    secure_rng: bool,
 ) -> MechanismRecord:
     """Run ``steps`` noisy DP-SGD steps on ``params`` (plain SGD, no momentum).
 
-    Every step adds noise, also one where Poisson sampling drew no patient. The noise
-    comes from a generator on ``device`` seeded from ``generator``, which also draws the
-    samples, so one seed fixes the whole mechanism. ``p.grad``, ``p.grad_sample`` and
-    ``p.summed_grad`` are removed from ``params`` at the end.
+    Every step adds noise, also one where Poisson sampling drew no patient. With
+    ``secure_rng`` the samples and the noise come from a fresh ``ChaCha20Random`` (keyed
+    from the OS) and ``generator`` is not used. Without it, the noise comes from a
+    generator on ``device`` seeded from ``generator``, which also draws the samples, so one
+    seed fixes (and predicts) the whole mechanism: for tests and benchmarks only.
+    ``p.grad``, ``p.grad_sample`` and ``p.summed_grad`` are removed from ``params`` at the
+    end.
     """
     if n_units < 1:
         raise DataError(f"{model_name}: no training units (patients) to train on")
     if steps < 0 or not lr > 0:
         raise UsageError(f"steps must be >= 0 and lr > 0, got steps={steps}, lr={lr}")
     params = list(params)
-    seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
-    optimizer = DPOptimizer(
-        torch.optim.SGD(params, lr=lr, momentum=0.0),
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
-        expected_batch_size=dp.sample_rate * n_units,
-        loss_reduction="mean",
-        generator=torch.Generator(device=device).manual_seed(int(seed)),
-    )
+    settings: dict[str, Any] = {
+        "noise_multiplier": dp.noise_multiplier,
+        "max_grad_norm": dp.max_grad_norm,
+        "expected_batch_size": dp.sample_rate * n_units,
+        "loss_reduction": "mean",
+    }
+    sgd = torch.optim.SGD(params, lr=lr, momentum=0.0)
+    draws: torch.Generator | ChaCha20Random
+    optimizer: DPOptimizer
+    if secure_rng:
+        draws = ChaCha20Random()
+        optimizer = CSPRNGNoiseDPOptimizer(sgd, rng=draws, **settings)
+    else:
+        draws = generator
+        seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+        noise = torch.Generator(device=device).manual_seed(int(seed))
+        optimizer = DPOptimizer(sgd, generator=noise, **settings)
     losses: list[float] = []
     try:
         for _ in range(steps):
-            sampled = poisson_sample(n_units, dp.sample_rate, generator)
+            sampled = poisson_sample(n_units, dp.sample_rate, draws)
             if sampled:
                 grads, unit_losses = per_unit_gradients(sampled)
                 losses += unit_losses
@@ -140,4 +190,5 @@ def run_dp_sgd(
         max_grad_norm=dp.max_grad_norm,
         steps=steps,
         mean_loss=sum(losses) / len(losses) if losses else math.nan,
+        noise_source=SECURE_NOISE if secure_rng else INSECURE_NOISE,
     )

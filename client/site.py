@@ -13,14 +13,17 @@ import functools
 import json
 import time
 from collections.abc import Callable
+from logging import WARNING
 from typing import Any
 
 import numpy as np
 import torch
 from flwr.client import NumPyClient
 from flwr.common import NDArrays, Scalar
+from flwr.common.logger import log
 from torchvision.models.detection import FasterRCNN
 
+from client.dp import INSECURE_NOISE, SECURE_NOISE
 from client.sent import SentUpdate, SentUpdates, fingerprint
 from client.train import DPParams, MechanismRecord, train_classifier, train_detector, train_keyframe
 from common.config import ModelPrivacy, SiteConfig
@@ -213,6 +216,16 @@ class SiteClient(NumPyClient):
         with (self.config.site.state / EVENTS_FILE).open("a") as f:
             f.write(json.dumps(line) + "\n")
 
+    def warn_insecure_rng(self, server_round: int) -> None:
+        """Log, and record as an event, a round trained with predictable randomness."""
+        reason = (
+            f"site {self.config.site.name} trains round {server_round} with secure_rng = false: "
+            "its DP noise and patient samples come from a seeded torch generator, which is "
+            "predictable; acceptable for tests and benchmarks, never for patient data"
+        )
+        log(WARNING, "%s", reason)
+        self.event("insecure-rng", round=server_round, reason=reason)
+
     def _accountant(self) -> SiteAccountant:
         if self.accountant_path.exists():
             return SiteAccountant.load(self.accountant_path)
@@ -294,6 +307,7 @@ class SiteClient(NumPyClient):
             delta=privacy.delta,
             accountant=privacy.accountant,
             budget=privacy.epsilon_budget,
+            noise_source=SECURE_NOISE if privacy.secure_rng else INSECURE_NOISE,
         )
 
         # Budget guard first: a round that would take the site past its budget trains nothing.
@@ -315,12 +329,15 @@ class SiteClient(NumPyClient):
             self.event("fit-refused", round=server_round, reason=reason)
             raise BudgetExceeded(reason)
         self.event("fit-start", round=server_round, steps=steps)
+        if not privacy.secure_rng:
+            self.warn_insecure_rng(server_round)
 
+        # Used only with secure_rng = false: then whoever knows the seed knows the noise.
         generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         records = {
             name: TRAINERS[name](
                 network, units[name], dp=plans[name], steps=steps, lr=self.lr,
-                device=self.device, generator=generator,
+                device=self.device, generator=generator, secure_rng=privacy.secure_rng,
             )
             for name, network in bundle.networks.items()
         }  # fmt: skip
@@ -339,6 +356,7 @@ class SiteClient(NumPyClient):
                 noise_multiplier=rec.noise_multiplier, max_grad_norm=rec.max_grad_norm,
                 steps=rec.steps, epsilon_round=alone.epsilon(privacy.delta),
                 epsilon_total=accountant.epsilon(privacy.delta), status="trained",
+                noise_source=rec.noise_source,
             )  # fmt: skip
             entries.append(entry.model_dump(mode="json"))
 

@@ -43,6 +43,7 @@ def train_detector(
     lr: float,
     device: torch.device,
     generator: torch.Generator,
+    secure_rng: bool,
     frames_per_pass: int = 8,
 ) -> MechanismRecord:
     """Train the detector in place with ``steps`` DP-SGD steps, privacy unit = patient.
@@ -67,8 +68,11 @@ def train_detector(
         SGD learning rate (no momentum).
     device : torch.device
     generator : torch.Generator
-        Source of the Poisson draws and of the noise seed. Faster R-CNN's own anchor and
-        RoI sampling uses torch's global RNG.
+        Without ``secure_rng``, the source of the Poisson draws and of the noise seed.
+        Faster R-CNN's own anchor and RoI sampling uses torch's global RNG.
+    secure_rng : bool
+        Draw the patients and the noise from a CSPRNG (``client.dp.run_dp_sgd``); False
+        only for tests and benchmarks.
     frames_per_pass : int
         Frames per forward pass; only memory and speed depend on it.
 
@@ -112,6 +116,7 @@ def train_detector(
         lr=lr,
         device=device,
         generator=generator,
+        secure_rng=secure_rng,
     )
 
 
@@ -124,6 +129,7 @@ def train_classifier(
     lr: float,
     device: torch.device,
     generator: torch.Generator,
+    secure_rng: bool,
     clips_per_pass: int = 32,
 ) -> MechanismRecord:
     """Train the classifier in place with ``steps`` DP-SGD steps, privacy unit = patient.
@@ -142,7 +148,7 @@ def train_classifier(
         Moved to ``device``.
     units : list of ClassifierUnit
         One per patient.
-    dp, steps, lr, device, generator
+    dp, steps, lr, device, generator, secure_rng
         As for ``train_detector``.
     clips_per_pass : int
         Clips per forward pass; only memory and speed depend on it.
@@ -161,6 +167,7 @@ def train_classifier(
         lr=lr,
         device=device,
         generator=generator,
+        secure_rng=secure_rng,
         samples_per_pass=clips_per_pass,
     )
 
@@ -174,6 +181,7 @@ def train_keyframe(
     lr: float,
     device: torch.device,
     generator: torch.Generator,
+    secure_rng: bool,
     images_per_pass: int = 64,
 ) -> MechanismRecord:
     """Train the key-frame model in place with ``steps`` DP-SGD steps, privacy unit = patient.
@@ -188,7 +196,7 @@ def train_keyframe(
         From ``build_keyframe_model``: FloatTensor[B, 3, S, S] -> logits FloatTensor[B].
     units : list of KeyFrameUnit
         One per patient.
-    dp, steps, lr, device, generator
+    dp, steps, lr, device, generator, secure_rng
         As for ``train_detector``.
     images_per_pass : int
         Images per forward pass; only memory and speed depend on it.
@@ -202,6 +210,7 @@ def train_keyframe(
         lr=lr,
         device=device,
         generator=generator,
+        secure_rng=secure_rng,
         samples_per_pass=images_per_pass,
     )
 
@@ -216,6 +225,7 @@ def train_per_sample(
     lr: float,
     device: torch.device,
     generator: torch.Generator,
+    secure_rng: bool,
     samples_per_pass: int,
 ) -> MechanismRecord:
     """Patient-level DP-SGD of a one-logit network through Opacus' per-sample gradients.
@@ -234,7 +244,7 @@ def train_per_sample(
         training and unwrapped at the end (hooks removed, state_dict keys unchanged).
     units : list of (Tensor, Tensor)
         Per patient, its samples FloatTensor[K, ...] and labels FloatTensor[K].
-    dp, steps, lr, device, generator
+    dp, steps, lr, device, generator, secure_rng
         As for ``train_detector``.
     samples_per_pass : int
         Samples per forward pass; only memory and speed depend on it.
@@ -285,6 +295,7 @@ def train_per_sample(
             lr=lr,
             device=device,
             generator=generator,
+            secure_rng=secure_rng,
         )
     finally:
         wrapped.to_standard_module()

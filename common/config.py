@@ -37,6 +37,13 @@ class SitePrivacy(_Strict):
     delta: float = Field(gt=0, lt=1)
     accountant: Literal["rdp", "prv"]
     require_secure_aggregation: bool
+    # Defaults to the safe side: a config written before the setting existed gets it, and
+    # only a line in the file saying `false` turns it off (logged whenever the site trains).
+    secure_rng: bool = Field(
+        default=True,
+        description="draw DP noise and patient samples from a CSPRNG (ChaCha20, keyed by the "
+        "OS); false only for tests and benchmarks: a seeded torch generator, predictable",
+    )
     detector: ModelPrivacy
     classifier: ModelPrivacy
     # Only a site that trains the 2D key-frame comparator needs it; no default either way.
@@ -160,7 +167,9 @@ def render_site_config(config: SiteConfig) -> str:
         f"delta = {p.delta}\n"
         f'accountant = "{p.accountant}"  # rdp | prv\n'
         f"require_secure_aggregation = {str(p.require_secure_aggregation).lower()}"
-        "  # refuse to train for a server without SecAgg+\n\n"
+        "  # refuse to train for a server without SecAgg+\n"
+        f"secure_rng = {str(p.secure_rng).lower()}"
+        "  # noise and patient draws from a CSPRNG; false: predictable, tests only\n\n"
         + model("detector", p.detector)
         + "\n"
         + model("classifier", p.classifier)

@@ -70,6 +70,7 @@ def demo_site_config(
             delta=1e-5,
             accountant="rdp",
             require_secure_aggregation=require_secure_aggregation,
+            secure_rng=True,  # the product path, with its cost
             detector=model,
             classifier=model,
             keyframe=model,  # the comparator, should the consortium run it

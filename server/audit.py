@@ -606,6 +606,7 @@ def _entries_html(result: AuditResult, versions: Mapping[int, str] | None) -> st
         "epsilon_total",
         "recomputed",
         "status",
+        "noise source",
     ]
     if versions is not None:
         head.append("model version")
@@ -628,11 +629,19 @@ def _entries_html(result: AuditResult, versions: Mapping[int, str] | None) -> st
                 f"{e.epsilon_total:.4f}",
                 f"{c.epsilon_total:.4f}",
                 f'<span class="{e.status}">{e.status}</span>',
+                _noise_source_html(e.noise_source),
             ]
             if versions is not None:
                 row.append(_e(versions.get(e.round, "")))
             rows.append(row)
     return _table(head, rows)
+
+
+def _noise_source_html(source: str | None) -> str:
+    """The entry's randomness; predictable noise in red (a test setting, not a site's)."""
+    if source is None:
+        return "not recorded"
+    return f'<span class="bad">{_e(source)}</span>' if "insecure" in source else _e(source)
 
 
 _STYLE = """

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from client.dp import DPParams, poisson_sample
+from client.secure_rng import ChaCha20Random
 from client.train import train_classifier, train_detector
 from common.data.units import ClassifierUnit, DetectorUnit
 from common.errors import PrivacyError
@@ -100,7 +101,8 @@ def classifier():
     return build_classifier(TINY.classifier).train()
 
 
-def test_detector_step_is_clipped_sum_over_patients(detector):
+@pytest.mark.parametrize("secure_rng", [False, True])
+def test_detector_step_is_clipped_sum_over_patients(detector, secure_rng):
     units = _detector_units(3, frames=2)
     reference = copy.deepcopy(detector)
     # Faster R-CNN samples anchors and RoIs with the global RNG: same seed, same samples.
@@ -113,8 +115,9 @@ def test_detector_step_is_clipped_sum_over_patients(detector):
     torch.manual_seed(7)
     dp = DPParams(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
     record = train_detector(
-        model, units, dp=dp, steps=1, lr=1.0, device=CPU, generator=torch.Generator().manual_seed(0)
-    )
+        model, units, dp=dp, steps=1, lr=1.0, device=CPU,
+        generator=torch.Generator().manual_seed(0), secure_rng=secure_rng,
+    )  # fmt: skip
     expected = -sum(_clip(g, c) for g in grads) / (1.0 * len(units))
     torch.testing.assert_close(_flat(model) - before, expected, atol=1e-5, rtol=1e-4)
     assert (record.model, record.privacy_unit, record.n_units, record.steps) == (
@@ -126,7 +129,8 @@ def test_detector_step_is_clipped_sum_over_patients(detector):
     assert math.isfinite(record.mean_loss)
 
 
-def test_classifier_patient_with_many_clips_counts_once(classifier):
+@pytest.mark.parametrize("secure_rng", [False, True])
+def test_classifier_patient_with_many_clips_counts_once(classifier, secure_rng):
     units = _classifier_units([1, 2, 3])
     grads = _classifier_patient_grads(copy.deepcopy(classifier), units)
     c = sorted(float(g.norm()) for g in grads)[1]
@@ -136,28 +140,38 @@ def test_classifier_patient_with_many_clips_counts_once(classifier):
     generator = torch.Generator().manual_seed(0)
     # Four clips per pass: the third patient's clips straddle two passes.
     record = train_classifier(
-        model, units, dp=dp, steps=1, lr=1.0, device=CPU, generator=generator, clips_per_pass=4
-    )
+        model, units, dp=dp, steps=1, lr=1.0, device=CPU, generator=generator,
+        secure_rng=secure_rng, clips_per_pass=4,
+    )  # fmt: skip
     expected = -sum(_clip(g, c) for g in grads) / (1.0 * len(units))
     torch.testing.assert_close(_flat(model) - before, expected, atol=1e-5, rtol=1e-4)
     assert record.n_units == 3
 
 
-def test_classifier_step_divides_by_expected_batch_size(classifier):
-    """With q < 1 the update is the clipped sum over the drawn patients / (q N)."""
+@pytest.mark.parametrize("secure_rng", [False, True])
+def test_classifier_step_divides_by_expected_batch_size(classifier, secure_rng):
+    """With q < 1 the update is the clipped sum over the drawn patients / (q N).
+
+    Seeds 0-3 draw a proper subset; secure draws go on until one does (each draw: 3/4).
+    """
     units = _classifier_units([2, 1, 2])
     q, c, lr = 0.5, 0.05, 1.0
     clipped = [_clip(g, c) for g in _classifier_patient_grads(copy.deepcopy(classifier), units)]
     subsets = [
         s for r in range(len(units) + 1) for s in itertools.combinations(range(len(units)), r)
     ]
-    drawn = set()
-    for seed in range(4):
+    drawn: set[tuple[int, ...]] = set()
+    for seed in range(4 if not secure_rng else 40):
+        if secure_rng and any(0 < len(s) < len(units) for s in drawn):
+            break
         model = copy.deepcopy(classifier)
         before = _flat(model)
         dp = DPParams(noise_multiplier=0.0, max_grad_norm=c, sample_rate=q)
         generator = torch.Generator().manual_seed(seed)
-        train_classifier(model, units, dp=dp, steps=1, lr=lr, device=CPU, generator=generator)
+        train_classifier(
+            model, units, dp=dp, steps=1, lr=lr, device=CPU, generator=generator,
+            secure_rng=secure_rng,
+        )  # fmt: skip
         update = (_flat(model) - before) * (-q * len(units) / lr)
         errors = {
             s: float((update - sum((clipped[i] for i in s), torch.zeros_like(update))).abs().max())
@@ -169,7 +183,8 @@ def test_classifier_step_divides_by_expected_batch_size(classifier):
     assert any(0 < len(s) < len(units) for s in drawn), drawn
 
 
-def test_noise_std_is_sigma_c_over_expected_batch(classifier):
+@pytest.mark.parametrize("secure_rng", [False, True])
+def test_noise_std_is_sigma_c_over_expected_batch(classifier, secure_rng):
     units = _classifier_units([1, 1, 2, 1])
     sigma, c, q, lr = 0.7, 0.1, 1.0, 0.5
     runs = []
@@ -184,6 +199,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(classifier):
             lr=lr,
             device=CPU,
             generator=torch.Generator().manual_seed(3),
+            secure_rng=secure_rng,
         )
         runs.append(_flat(model))
     diff = runs[1] - runs[0]
@@ -192,7 +208,8 @@ def test_noise_std_is_sigma_c_over_expected_batch(classifier):
     assert abs(float(diff.mean())) < 0.01 * expected_std
 
 
-def test_empty_draw_still_adds_noise(detector):
+@pytest.mark.parametrize("secure_rng", [False, True])
+def test_empty_draw_still_adds_noise(detector, secure_rng):
     units = _detector_units(2, frames=1)
     for noise, changed in ((0.0, False), (1.0, True)):
         model = copy.deepcopy(detector)
@@ -206,6 +223,7 @@ def test_empty_draw_still_adds_noise(detector):
             lr=1e-12,
             device=CPU,
             generator=torch.Generator().manual_seed(0),
+            secure_rng=secure_rng,
         )
         after = _flat(model)
         assert math.isnan(record.mean_loss)
@@ -213,8 +231,9 @@ def test_empty_draw_still_adds_noise(detector):
         assert bool((after != before).any()) is changed
 
 
-def test_poisson_sampling_mean_is_q_n():
-    generator = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("secure_rng", [False, True])
+def test_poisson_sampling_mean_is_q_n(secure_rng):
+    generator = ChaCha20Random() if secure_rng else torch.Generator().manual_seed(0)
     n, q, draws = 40, 0.25, 4000
     counts = torch.zeros(n)
     sizes = []
@@ -222,6 +241,7 @@ def test_poisson_sampling_mean_is_q_n():
         sampled = poisson_sample(n, q, generator)
         counts[sampled] += 1
         sizes.append(len(sampled))
+    # 5 and 5.8 standard errors: a secure draw fails with probability < 1e-6
     assert sum(sizes) / draws == pytest.approx(q * n, abs=0.2)  # standard error 0.04
     assert float((counts / draws - q).abs().max()) < 0.04  # each patient: standard error 0.007
 
@@ -238,6 +258,7 @@ def test_training_leaves_no_opacus_traces(classifier):
         lr=0.1,
         device=CPU,
         generator=torch.Generator(),
+        secure_rng=True,
     )
     assert list(model.state_dict()) == keys
     for module in model.modules():

@@ -48,7 +48,7 @@ MODELS = {
 FIELDS = {
     "site", "run_id", "round", "model", "privacy_unit", "n_units", "sample_rate",
     "noise_multiplier", "max_grad_norm", "steps", "delta", "accountant", "epsilon_round",
-    "epsilon_total", "budget", "status", "time", "prev_hash", "signature",
+    "epsilon_total", "budget", "status", "time", "prev_hash", "signature", "noise_source",
 }  # fmt: skip
 
 
@@ -112,6 +112,7 @@ class SimulatedSite:
                 steps=steps, delta=DELTA, accountant=accountant.kind,
                 epsilon_round=epsilon_round, epsilon_total=accountant.epsilon(DELTA),
                 budget=self.budget, status="refused" if refused else "trained",
+                noise_source="chacha20-csprng",
             )  # fmt: skip
         return "refused" if refused else "trained"
 
@@ -145,7 +146,7 @@ def refusal(last: LedgerEntry, round_: int, model: str) -> dict[str, Any]:
         n_units=N_PATIENTS, sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
         max_grad_norm=dp.max_grad_norm, steps=0, delta=DELTA, accountant=last.accountant,
         epsilon_round=0.0, epsilon_total=last.epsilon_total, budget=last.budget,
-        status="refused",
+        status="refused", noise_source="chacha20-csprng",
     )  # fmt: skip
 
 

@@ -1,4 +1,4 @@
-"""Secure randomness: the CSPRNG that draws DP noise and patient samples.
+"""Secure randomness: a CSPRNG draws the DP noise and the patients when the site says so.
 
 The distribution tests draw a fixed number of values from an unseeded CSPRNG, so each
 bound is set where a correct generator fails it with probability below 1e-8; a positive
@@ -7,15 +7,40 @@ control shows each bound rejects a slightly wrong distribution.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 from client import secure_rng
-from client.secure_rng import ChaCha20Random
+from client.dp import DPParams
+from client.secure_rng import NOISE_DRAWS, ChaCha20Random
+from client.site import EVENTS_FILE, SiteClient
+from client.train import train_classifier
+from common.config import SiteConfig, load_site_config, render_site_config
+from common.keys import load_signing_key, signing_key_paths
+from common.models.bundle import build_bundle, get_weights
+from common.models.i3d import build_classifier
+from common.models.presets import get_preset
+from common.privacy.ledger import (
+    GENESIS_HASH,
+    LEDGER_FILE,
+    PrivacyLedger,
+    canonical_json,
+    line_hash,
+    sign,
+)
+from deploy.demo import DemoSettings, prepare_sites
+from server.audit import AuditResult, verify_ledger, write_report
+from tests.test_dp import _classifier_units, _flat
+from tests.test_ledger import copy_site, make_site, refusal, simulate
 
 CPU = torch.device("cpu")
+TINY = get_preset("tiny")
 N = 2**20
 # Kolmogorov-Smirnov: P(D > sqrt(ln(2 / alpha) / (2 n))) <= alpha (DKW), alpha = 1e-9.
 KS_BOUND = math.sqrt(math.log(2 / 1e-9) / (2 * N))
@@ -30,6 +55,76 @@ def ks_normal(z: torch.Tensor) -> float:
     above = torch.arange(1, n + 1, dtype=torch.float64) / n - cdf
     below = cdf - torch.arange(n, dtype=torch.float64) / n
     return float(torch.maximum(above, below).max())
+
+
+@pytest.fixture(scope="module")
+def classifier() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return build_classifier(TINY.classifier).train()
+
+
+def train_once(classifier: torch.nn.Module, *, secure_rng: bool, **dp: float) -> torch.Tensor:
+    """The classifier's weights after one step from the same seed, units and weights."""
+    model = build_classifier(TINY.classifier)
+    model.load_state_dict(classifier.state_dict())
+    settings = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "sample_rate": 1.0, **dp}
+    train_classifier(
+        model, _classifier_units([1, 2, 1]), dp=DPParams(**settings), steps=1, lr=1.0,
+        device=CPU, generator=torch.Generator().manual_seed(5), secure_rng=secure_rng,
+    )  # fmt: skip
+    return _flat(model)
+
+
+def test_one_seed_repeats_seeded_noise_and_never_secure_noise(classifier):
+    seeded = [train_once(classifier, secure_rng=False) for _ in range(2)]
+    secure = [train_once(classifier, secure_rng=True) for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])
+    # Same seed, same data, same weights: only the noise can differ, and in every coordinate.
+    assert bool((secure[0] != secure[1]).all())
+    assert not torch.equal(secure[0], seeded[0])
+
+
+def test_the_csprng_draws_every_sample_and_all_the_noise(classifier, monkeypatch):
+    drawn: list[int] = []
+    words = ChaCha20Random.words
+
+    def spy(self: ChaCha20Random, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        drawn.append(n)
+        return words(self, n, device)
+
+    monkeypatch.setattr(ChaCha20Random, "words", spy)
+    model = build_classifier(TINY.classifier)
+    model.load_state_dict(classifier.state_dict())
+    generator = torch.Generator().manual_seed(5)
+    seeded_state, global_state = generator.get_state(), torch.get_rng_state()
+    numels = [p.numel() for p in model.parameters()]
+    units, steps = _classifier_units([1, 2, 1]), 2
+    dp = DPParams(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=0.5)
+    record = train_classifier(
+        model, units, dp=dp, steps=steps, lr=1.0, device=CPU, generator=generator,
+        secure_rng=True,
+    )  # fmt: skip
+    # Per step: one uniform per patient for the Poisson draw, then four normals per weight.
+    assert drawn == [len(units), *(NOISE_DRAWS * n for n in numels)] * steps
+    assert record.noise_source == "chacha20-csprng"
+    # Neither the seeded generator nor torch's global one drew anything.
+    assert torch.equal(generator.get_state(), seeded_state)
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+    drawn.clear()
+    record = train_classifier(
+        model, units, dp=dp, steps=steps, lr=1.0, device=CPU, generator=generator,
+        secure_rng=False,
+    )  # fmt: skip
+    assert drawn == [] and record.noise_source == "torch-prng-insecure"
+    assert not torch.equal(generator.get_state(), seeded_state)
+
+
+def test_zero_noise_is_exactly_the_seeded_update(classifier):
+    """With sigma 0 and q 1 nothing is random: both modes take the same step."""
+    secure = train_once(classifier, secure_rng=True, noise_multiplier=0.0)
+    seeded = train_once(classifier, secure_rng=False, noise_multiplier=0.0)
+    assert torch.equal(secure, seeded)
 
 
 def test_normals_are_standard():
@@ -85,3 +180,89 @@ def test_noise_on_the_gpu_comes_from_host_bits():
     noise = ChaCha20Random().gaussian_like(reference, 1.0)
     assert noise.device == reference.device and noise.dtype == torch.float32
     assert ks_normal(noise.cpu()) < KS_BOUND
+
+
+def test_the_site_config_states_secure_rng_and_round_trips(tmp_path):
+    config = load_site_config(
+        prepare_sites(tmp_path, DemoSettings(sites=1, patients=4), Console(quiet=True))[0]
+    )
+    assert config.privacy.secure_rng  # the demo runs the product path
+    off = config.model_copy(
+        update={"privacy": config.privacy.model_copy(update={"secure_rng": False})}
+    )
+    text = render_site_config(off)
+    assert "\nsecure_rng = false  # " in text
+    path = tmp_path / "off.toml"
+    path.write_text(text)
+    loaded = load_site_config(path)
+    assert not loaded.privacy.secure_rng
+    assert loaded.privacy == off.privacy
+    # A config from before the setting existed draws securely.
+    path.write_text("\n".join(line for line in text.splitlines() if "secure_rng" not in line))
+    assert load_site_config(path).privacy.secure_rng
+
+
+def site_with(config_path: Path, *, secure_rng: bool) -> SiteConfig:
+    config = load_site_config(config_path)
+    privacy = config.privacy.model_copy(update={"secure_rng": secure_rng})
+    return config.model_copy(update={"privacy": privacy})
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_a_site_trains_with_the_configured_randomness_and_logs_turning_it_off(
+    tmp_path, caplog, secure
+):
+    config_path = prepare_sites(
+        tmp_path, DemoSettings(sites=3, patients=4, frames=16, size=64), Console(quiet=True)
+    )[0]
+    config = site_with(config_path, secure_rng=secure)
+    client = SiteClient(config, {"preset": "tiny", "local-steps": 1, "learning-rate": 0.05})
+    with caplog.at_level(logging.WARNING):
+        client.fit(get_weights(build_bundle("tiny", seed=0)), {"round": 1, "run_id": "r1"})
+    state = config.site.state
+    events = [json.loads(line) for line in (state / EVENTS_FILE).read_text().splitlines()]
+    ledger = [json.loads(line) for line in (state / LEDGER_FILE).read_text().splitlines()]
+    warned = [r for r in caplog.records if "secure_rng = false" in r.getMessage()]
+    if secure:
+        assert not warned and "insecure-rng" not in [e["event"] for e in events]
+        assert {e["noise_source"] for e in ledger} == {"chacha20-csprng"}
+    else:
+        assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+        assert "predictable" in warned[0].getMessage()
+        (event,) = [e for e in events if e["event"] == "insecure-rng"]
+        assert event["round"] == 1 and "seeded torch generator" in event["reason"]
+        assert {e["noise_source"] for e in ledger} == {"torch-prng-insecure"}
+    assert [e["model"] for e in ledger] == ["detector", "classifier"]
+
+
+def test_a_ledger_from_before_noise_source_still_verifies_and_grows(tmp_path):
+    """Old entries lack the field: they verify, a site appends to them, the report says so."""
+    site = make_site(tmp_path / "made")
+    simulate(site, rounds=1)
+    site = copy_site(site, tmp_path / "old")
+    key = load_signing_key(signing_key_paths(site.keys, site=site.name)[0])
+    prev, lines = GENESIS_HASH, []
+    for line in site.ledger_path.read_bytes().splitlines():
+        fields = json.loads(line)
+        del fields["noise_source"], fields["signature"]
+        fields["prev_hash"] = prev
+        fields["signature"] = sign(fields, key)  # as the site signed it before the field
+        lines.append(canonical_json(fields))
+        prev = line_hash(lines[-1])
+    site.ledger_path.write_bytes(b"".join(line + b"\n" for line in lines))
+
+    ledger = PrivacyLedger(site.ledger_path, site=site.name, signing_key=key)
+    assert [e.noise_source for e in ledger.entries()] == [None, None]
+    last = ledger.last()
+    assert last is not None
+    ledger.append(**refusal(last, 2, "detector"))
+    assert [e.noise_source for e in ledger.entries()] == [None, None, "chacha20-csprng"]
+    verdict = verify_ledger(site.ledger_path, site.keys)
+    assert verdict.ok, verdict.problem
+    assert b"null" not in site.ledger_path.read_bytes()
+
+    report = tmp_path / "audit.html"
+    write_report(AuditResult([verdict]), report)
+    page = report.read_text()
+    assert "<th>noise source</th>" in page
+    assert page.count("<td>not recorded</td>") == 2 and page.count("<td>chacha20-csprng</td>") == 1

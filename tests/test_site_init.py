@@ -44,6 +44,8 @@ def test_init_writes_a_config_the_site_loads_and_private_keys(tmp_path):
     privacy = config.privacy
     assert (privacy.epsilon_budget, privacy.delta, privacy.accountant) == (8.0, 1e-5, "prv")
     assert privacy.require_secure_aggregation
+    assert privacy.secure_rng
+    assert "\nsecure_rng = true  # " in (tmp_path / "site" / "site.toml").read_text()
     for model in (privacy.detector, privacy.classifier):
         assert (model.noise_multiplier, model.max_grad_norm, model.sample_rate) == (1.5, 1.0, 0.3)
     training = config.training
@@ -83,6 +85,7 @@ def test_the_ledger_key_from_init_signs_what_the_auditor_verifies(tmp_path):
         run_id="run-1", round=1, model="detector", privacy_unit="patient", n_units=40,
         sample_rate=0.3, noise_multiplier=1.5, max_grad_norm=1.0, steps=0, delta=1e-5,
         accountant="rdp", epsilon_round=0.0, epsilon_total=0.0, budget=8.0, status="refused",
+        noise_source="chacha20-csprng",
     )  # fmt: skip
     auditor_keys = tmp_path / "consortium-keys"
     auditor_keys.mkdir()

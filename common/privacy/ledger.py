@@ -9,6 +9,9 @@ Format (one UTF-8 line per entry, ``\\n``-terminated):
 - ``signature`` is the Ed25519 signature by the site's ledger key (``common.keys``) over the
   canonical JSON of the entry *without* the ``signature`` field, encoded as standard base64
   with padding (RFC 4648, 88 characters).
+- an optional field is absent, never ``null``: ``noise_source`` (which randomness drew the
+  noise and the patient samples) came after the first ledgers were written, whose entries
+  lack it and still verify.
 
 One entry is written per mechanism application (one model in one round) and per refusal.
 The file is append-only: lines are never rewritten. Each line goes to disk with a single
@@ -47,6 +50,9 @@ LEDGER_METRIC = "ledger_entries"
 GENESIS_HASH = "0" * 64
 # The tail is read backwards in chunks this big; a line is ~600 bytes.
 _TAIL_CHUNK = 4096
+# Which randomness drew a mechanism's noise and patient samples: a CSPRNG (the production
+# setting), or a seeded torch generator that an observer of the seed can predict.
+NoiseSource = Literal["chacha20-csprng", "torch-prng-insecure"]
 
 
 class UnsignedEntry(BaseModel):
@@ -81,6 +87,11 @@ class UnsignedEntry(BaseModel):
     status: Literal["trained", "refused"]
     time: str = Field(description="ISO 8601 with a UTC offset, when the entry was written")
     prev_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    noise_source: NoiseSource | None = Field(
+        default=None,
+        description="the randomness of the noise and the patient draws; absent (None) only "
+        "in entries written before it was recorded",
+    )
 
     @field_validator("time")
     @classmethod
@@ -109,7 +120,7 @@ class LedgerEntry(UnsignedEntry):
 
     def unsigned(self) -> dict[str, Any]:
         """The fields the signature covers."""
-        return self.model_dump(exclude={"signature"})
+        return self.model_dump(exclude={"signature"}, exclude_none=True)
 
 
 def canonical_json(fields: Mapping[str, Any]) -> bytes:
@@ -190,8 +201,11 @@ class PrivacyLedger:
         epsilon_total: float,
         budget: float,
         status: Literal["trained", "refused"],
+        noise_source: NoiseSource,
     ) -> LedgerEntry:
         """Sign and durably append one entry; ``site``, ``time`` and ``prev_hash`` are filled.
+
+        ``noise_source`` is the site's setting, also on a refusal (which draws nothing).
 
         The entry is on disk (fsynced) when this returns.
 
@@ -208,7 +222,7 @@ class PrivacyLedger:
             "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
             "steps": steps, "delta": delta, "accountant": accountant,
             "epsilon_round": epsilon_round, "epsilon_total": epsilon_total, "budget": budget,
-            "status": status,
+            "status": status, "noise_source": noise_source,
         }  # fmt: skip
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
@@ -218,11 +232,11 @@ class PrivacyLedger:
             fields["time"] = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
             fields["prev_hash"] = GENESIS_HASH if last is None else line_hash(last)
             try:
-                unsigned = UnsignedEntry.model_validate(fields).model_dump()
+                unsigned = UnsignedEntry.model_validate(fields).model_dump(exclude_none=True)
             except ValidationError as exc:
                 raise PrivacyError(f"{self.path}: ledger entry refused: {_describe(exc)}") from exc
             entry = LedgerEntry.model_validate({**unsigned, "signature": sign(unsigned, self._key)})
-            data = canonical_json(entry.model_dump()) + b"\n"
+            data = canonical_json(entry.model_dump(exclude_none=True)) + b"\n"
             written = os.write(fd, data)
             if written != len(data):
                 raise DataError(
