@@ -29,15 +29,13 @@ clip's worth) to stay within minutes on a CPU.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
+from timing import STATISTICS, time_in_turn
 
 from common.data.synth import render_sweep, sample_lesion, vendor_preset
 from common.data.units import detector_samples
@@ -56,13 +54,6 @@ def _sweep(frames: int, size: int) -> np.ndarray:
     return render_sweep(lesion, vendor_preset("vendor-a"), frames=frames, size=size, rng=rng).frames
 
 
-STATISTICS: dict[str, Callable[[list[float]], float]] = {
-    "median": statistics.median,
-    # On a shared machine the fastest run is the one least disturbed by other work.
-    "best": min,
-}
-
-
 @dataclass
 class Measurement:
     """Wall times of the four steps on one preset and device, and what the runs found."""
@@ -73,28 +64,6 @@ class Measurement:
     seconds: dict[str, list[float]]
     detector_clips: int
     oracle_clips: int
-
-
-def _time_in_turn(
-    steps: dict[str, Callable[[], object]], device: torch.device, repeats: int
-) -> tuple[dict[str, list[float]], dict[str, object]]:
-    """Wall times of each step over ``repeats``, and each warm-up's result.
-
-    Steps are timed in turn within every repeat, so a load that comes and goes on a shared
-    machine slows all of them alike and the ratios stay meaningful.
-    """
-    results = {name: step() for name, step in steps.items()}  # warm-up: lazy inits, autotuning
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            start = time.perf_counter()
-            step()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return times, results
 
 
 def _measure(
@@ -127,7 +96,7 @@ def _measure(
         plans = plan_clips(tracks, clip_len=c.clip_len)
         crop_clips(frames, plans, clip_len=c.clip_len, clip_size=c.clip_size)
 
-    times, results = _time_in_turn(
+    times, results = time_in_turn(
         {
             "detector": detector_alone,
             "up_to_clips": up_to_clips,
