@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import socket
@@ -77,8 +78,29 @@ def superlink_main(argv: list[str] | None = None) -> None:
     set_sqlite_busy_timeout(ours.sqlite_busy_timeout)
     from flwr.superlink.cli import flower_superlink
 
+    # The SuperLink starts its SuperExec (which starts the ServerApp) by name; that one is
+    # a client of the SuperLink too, so it runs as busfed-superexec (retrying HTTP 500).
+    module = importlib.import_module("flwr.superlink.cli.flower_superlink")
+    build = module._get_superexec_command
+
+    def busfed_superexec(**kwargs: Any) -> list[str]:
+        command = list(build(**kwargs))
+        if command and command[0] == "flower-superexec":
+            command[0] = str(Path(sys.executable).parent / "busfed-superexec")
+        return command
+
+    module._get_superexec_command = busfed_superexec  # type: ignore[attr-defined]
     sys.argv = ["flower-superlink", *rest]
     flower_superlink()
+
+
+def superexec_main() -> None:
+    """``flower-superexec`` retrying HTTP 500 from the SuperLink (its arguments unchanged)."""
+    retry_transient_superlink_errors()
+    from flwr.supercore.cli import flower_superexec
+
+    sys.argv = ["flower-superexec", *sys.argv[1:]]
+    flower_superexec()
 
 
 class LoopWatch:

@@ -25,13 +25,24 @@ from deploy.launcher import FlowerCli, is_transient
 
 def test_flower_still_has_the_globals_busfed_replaces() -> None:
     from flwr.supercore import sql_mixin
+    from flwr.supercore.cli import flower_superexec
     from flwr.supercore.retry import http_retry
+    from flwr.superlink.cli.flower_superlink import _get_superexec_command
     from flwr.supernode import start_client_internal
 
     assert dict(sql_mixin.SQLITE_PRAGMAS)["busy_timeout"]
     assert 500 not in frozenset({502, 503, 504}) & set(http_retry._RETRYABLE_STATUS_CODES)
     assert callable(start_client_internal._pull_and_store_message)
     assert callable(start_client_internal._push_messages)
+    assert callable(flower_superexec)
+    command = _get_superexec_command(
+        runtime_address="127.0.0.1:1",
+        runtime_certificates=None,
+        runtime_root_certificates_path=None,
+        parent_pid=1,
+        runtime_dependency_install=False,
+    )
+    assert command[0] == "flower-superexec"  # busfed-superlink swaps this name
 
 
 def test_busy_timeout_is_set_for_new_connections(monkeypatch: pytest.MonkeyPatch) -> None:
