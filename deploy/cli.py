@@ -53,6 +53,12 @@ def synth(
     normal_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="share of patients with no lesion")
     ] = 0.15,
+    min_per_class: Annotated[
+        int,
+        typer.Option(
+            min=0, help="at least this many malignant and benign patients (and both in val)"
+        ),
+    ] = 0,
 ) -> None:
     """Write a synthetic hospital: MP4 sweeps, manifest.csv and per-frame lesion boxes."""
     from common.data.synth import generate_site
@@ -69,6 +75,7 @@ def synth(
         summary = generate_site(
             out, site=site, patients=patients, seed=seed, vendor=vendor, frames=frames,
             size=size, normal_fraction=normal_fraction, progress=tick,
+            min_per_class=min_per_class,
         )  # fmt: skip
     console.print(
         f"{summary.site}: {summary.n_patients} patients, {summary.n_videos} videos "

@@ -94,6 +94,8 @@ def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[P
                 vendor=VENDORS[i % len(VENDORS)],
                 frames=settings.frames,
                 size=settings.size,
+                # Both classes at every hospital, in validation too: else its AUC is undefined.
+                min_per_class=min(3, settings.patients // 2),
             )
         console.print(
             f"  {name}: {summary.n_patients} patients, {summary.n_videos} videos, "
