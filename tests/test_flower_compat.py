@@ -156,3 +156,34 @@ def test_outcome_counts_rounds_with_a_model() -> None:
     assert none["reason"] == "round(s) 1, 2 produced no model; 0 of 2 round(s) produced a model"
     short = outcome(records("1"), asked=3)  # type: ignore[arg-type]
     assert not short["ok"] and short["reason"] == "1 of 3 round(s) produced a model"
+
+
+def test_federation_start_wait_follows_the_run_and_fails_without_a_model(tmp_path: Path) -> None:
+    import datetime as dt
+    from types import SimpleNamespace
+
+    from deploy.federation import LaunchRecord, wait_for_run
+
+    out = tmp_path / "run"
+    out.mkdir()
+    statuses = iter(["running", "running", "finished:completed"])
+
+    def runs(run_id: int) -> list[dict[str, str]]:
+        status = next(statuses)
+        if status.startswith("finished"):
+            round_ = {"round": 1, "model_version": None, "sites": {}, "dropped": ["hospital-b"]}
+            (out / "rounds.jsonl").write_text(json.dumps(round_) + "\n")
+            reason = "round(s) 1 produced no model"
+            (out / "summary.json").write_text(
+                json.dumps({"rounds": [round_], "outcome": {"ok": False, "reason": reason}})
+            )
+        return [{"run-id": str(run_id), "status": status}]
+
+    consortium = SimpleNamespace(cli=lambda: SimpleNamespace(runs=runs))
+    launch = LaunchRecord(
+        run_id=7, campaign="c", out_dir=out, at=dt.datetime.now(dt.UTC), run_config={}
+    )
+    said: list[str] = []
+    with pytest.raises(FederationError, match="run 7: round\\(s\\) 1 produced no model"):
+        wait_for_run(consortium, launch, announce=said.append, poll_s=0.01)  # type: ignore[arg-type]
+    assert said == ["round 1: model version None, sites none, no update from hospital-b"]
