@@ -149,8 +149,10 @@ class LoopWatch:
         if self.state_file is None:
             return
         tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.snapshot()))
-        tmp.replace(self.state_file)
+        # A full disk must not stop the watch itself: the state file just goes stale.
+        with contextlib.suppress(OSError):
+            tmp.write_text(json.dumps(self.snapshot()))
+            tmp.replace(self.state_file)
 
 
 def sd_notify(message: str) -> None:
