@@ -49,10 +49,13 @@ from common.models.presets import get_preset
 from common.privacy.accountant import AccountantKind, SiteAccountant
 from common.privacy.empirical import EmpiricalAudit, epsilon_lower_bound, guesses_per_side
 
-PRESET = "tiny"
+PRESET = "tiny"  # the rehearsal runs on CPU; the mechanism does not depend on the size
+# Small, so that the model stays where its initial gradient directions hold and the
+# update unmixes into them; epsilon does not depend on the learning rate.
 REHEARSAL_LR = 1e-3
+# Sketch coordinates: at least 4 per direction, so that the directions stay independent.
 MIN_SKETCH = 4096
-PROGRESS_UPDATES = 20
+PROGRESS_UPDATES = 20  # training calls, at most, to report progress between
 SYNTH_VENDOR = "vendor-a"
 SYNTH_FRAMES = 8
 
@@ -113,11 +116,13 @@ class AuditPlan:
         )
 
 
-def rehearsal_site(out: Path, *, patients: int, seed: int) -> Path:
+def rehearsal_site(
+    out: Path, *, patients: int, seed: int, progress: Callable[[int, int], None] | None = None
+) -> Path:
     """Write a synthetic site of ``patients`` patients into ``out`` (see ``generate_site``)."""
     generate_site(
         out, site="rehearsal", patients=patients, seed=seed, vendor=SYNTH_VENDOR,
-        frames=SYNTH_FRAMES,
+        frames=SYNTH_FRAMES, progress=progress,
     )  # fmt: skip
     return out
 

@@ -173,9 +173,6 @@ def empirical_command(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TimeElapsedColumn(), console=console,
         ) as progress:  # fmt: skip
-            if data is None:
-                progress.add_task(f"synthesising {patients} patients", total=None)
-                data = rehearsal_site(out / "site", patients=patients, seed=seed)
             tasks: dict[str, TaskID] = {}
 
             def tick(stage: str, done: int, total: int) -> None:
@@ -183,6 +180,13 @@ def empirical_command(
                     tasks[stage] = progress.add_task(stage, total=total)
                 progress.update(tasks[stage], completed=done, total=total)
 
+            if data is None:
+                data = rehearsal_site(
+                    out / "site",
+                    patients=patients,
+                    seed=seed,
+                    progress=lambda done, total: tick("synthesising videos", done, total),
+                )
             result = run_empirical_audit(plan, data=data, progress=tick)
     finally:
         torch.set_num_threads(previous_threads)  # a test session goes on with its own
