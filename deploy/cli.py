@@ -15,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
+from deploy.empirical_cli import EMPIRICAL_HELP, empirical_command
 from deploy.federation_cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
@@ -33,6 +34,8 @@ app = typer.Typer(
 app.add_typer(site_app, name="site")
 app.add_typer(federation_app, name="federation")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
+# The empirical audit trains with the sites' code, which server/ never imports.
+audit_app.command(name="empirical", help=EMPIRICAL_HELP)(empirical_command)
 app.add_typer(audit_app, name="audit")
 app.command(name="synth-sheet")(sheet_command)
 app.command(name="predict")(predict_command)
@@ -53,6 +56,12 @@ def synth(
     normal_fraction: Annotated[
         float, typer.Option(min=0.0, max=1.0, help="share of patients with no lesion")
     ] = 0.15,
+    min_per_class: Annotated[
+        int,
+        typer.Option(
+            min=0, help="at least this many malignant and benign patients (and both in val)"
+        ),
+    ] = 0,
 ) -> None:
     """Write a synthetic hospital: MP4 sweeps, manifest.csv and per-frame lesion boxes."""
     from common.data.synth import generate_site
@@ -69,6 +78,7 @@ def synth(
         summary = generate_site(
             out, site=site, patients=patients, seed=seed, vendor=vendor, frames=frames,
             size=size, normal_fraction=normal_fraction, progress=tick,
+            min_per_class=min_per_class,
         )  # fmt: skip
     console.print(
         f"{summary.site}: {summary.n_patients} patients, {summary.n_videos} videos "

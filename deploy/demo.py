@@ -29,11 +29,11 @@ from common.data.synth import generate_site
 from common.errors import FederationError, UsageError
 from common.keys import create_signing_key
 from common.privacy.ledger import LEDGER_FILE
-from deploy.launcher import LocalFederation
+from deploy.federation import check_finished_run
+from deploy.launcher import APP_DIR, LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
 from server.audit import verify_ledgers, write_report
 
-APP_DIR = Path(__file__).resolve().parent.parent
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
 VENDORS = ("vendor-a", "vendor-b", "vendor-c")
 
@@ -53,6 +53,7 @@ class DemoSettings:
     secure_aggregation: bool = True
     timeout_s: float = 1500.0
     secagg_timeout: float = 60.0
+    secagg_timeout_limit: float = 900.0
 
 
 def demo_site_config(
@@ -94,6 +95,8 @@ def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[P
                 vendor=VENDORS[i % len(VENDORS)],
                 frames=settings.frames,
                 size=settings.size,
+                # Both classes at every hospital, in validation too: else its AUC is undefined.
+                min_per_class=min(3, settings.patients // 2),
             )
         console.print(
             f"  {name}: {summary.n_patients} patients, {summary.n_videos} videos, "
@@ -146,6 +149,8 @@ def run_config_for(out: Path, settings: DemoSettings) -> dict[str, Any]:
         "out-dir": str(out),
         "seed": settings.seed,
         "secagg-timeout": settings.secagg_timeout,
+        "secagg-timeout-limit": settings.secagg_timeout_limit,
+        "secagg-timeout-factor": 3.0,
     }
 
 
@@ -155,11 +160,17 @@ def wait_online(fed: LocalFederation, n: int, *, timeout: float) -> None:
         nodes = json.loads(fed.flwr("supernode", "list", "busfed", "--format", "json"))["nodes"]
         if sum(node["status"] == "online" for node in nodes) >= n:
             return
-        for proc in fed.processes:
-            if not proc.alive():
-                raise FederationError(f"{proc.name} exited:\n{proc.tail()}")
+        check_superlink(fed)
         time.sleep(1)
     raise FederationError(f"fewer than {n} sites came online in {timeout:.0f} s")
+
+
+def check_superlink(fed: LocalFederation) -> None:
+    """Raise if a process the watchdog does not restart (the SuperLink) has died; a
+    SuperNode that dies is the watchdog's to restart."""
+    for proc in list(fed.processes):
+        if proc.name not in fed.launch and not proc.alive():
+            raise FederationError(f"{proc.name} died:\n{proc.tail()}")
 
 
 def round_table(rounds: list[dict[str, Any]]) -> Table:
@@ -227,17 +238,17 @@ def run_demo(
         fed.start_superlink(database=out / "federation" / "superlink.db")
         console.print(f"SuperLink on https://{fed.address} (TLS, SuperNode auth)")
         start_sites(fed, configs)
+        fed.start_watchdog()
         console.print(f"{settings.sites} sites online; launching {settings.rounds} rounds")
         run_id = fed.run(APP_DIR, run_config)
         status = watch_run(fed, run_id, rounds_log, settings, console)
-    if not status.startswith("finished:completed"):
-        raise FederationError(
-            f"run {run_id} ended as {status}; logs in {out / 'federation' / 'logs'}"
-        )
+        restarts = [r.as_json() for r in fed.watchdog.restarts] if fed.watchdog else []
     summary_path = out / "summary.json"
-    if not summary_path.exists():
-        raise FederationError(f"the ServerApp wrote no {summary_path}")
-    summary = json.loads(summary_path.read_text())
+    try:
+        summary = check_finished_run(run_id, status, out)
+    except FederationError as exc:
+        raise FederationError(f"{exc}; logs in {out / 'federation' / 'logs'}") from exc
+    summary["watchdog_restarts"] = restarts
     summary["audit"] = audit(out, configs, summary, console)
     summary["wall_seconds"] = time.monotonic() - started
     summary["flower_run_id"] = run_id
@@ -250,7 +261,7 @@ def watch_run(
     fed: LocalFederation, run_id: int, rounds_log: Path, settings: DemoSettings, console: Console
 ) -> str:
     """Follow the run until it finishes, printing each round as the server records it."""
-    shown = 0
+    shown = restarted = 0
     deadline = time.monotonic() + settings.timeout_s
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -279,9 +290,11 @@ def watch_run(
             progress.update(task, completed=min(shown, settings.rounds))
             if status.startswith("finished"):
                 return status
-            for proc in fed.processes:
-                if not proc.alive():
-                    raise FederationError(f"{proc.name} died during the run:\n{proc.tail()}")
+            check_superlink(fed)
+            restarts = fed.watchdog.restarts if fed.watchdog else []
+            for r in restarts[restarted:]:
+                progress.console.print(f"watchdog: restarted {r.name} ({r.reason})")
+            restarted = len(restarts)
             if time.monotonic() > deadline:
                 fed.flwr("stop", str(run_id), "busfed")
                 raise FederationError(f"run {run_id} did not finish in {settings.timeout_s:.0f} s")

@@ -28,6 +28,7 @@ import ipaddress
 import json
 import os
 import re
+import time
 import tomllib
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -42,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.errors import ConfigError, FederationError, TrackingError, UsageError
 from deploy.launcher import (
+    APP_DIR,
     PROFILE,
     FlowerCli,
     flower_env,
@@ -740,10 +742,7 @@ def start_run(
     FederationError
         The SuperLink refused the run or is unreachable.
     """
-    if app_dir is None:
-        from deploy.demo import APP_DIR
-
-        app_dir = APP_DIR
+    app_dir = APP_DIR if app_dir is None else app_dir
     if resume and not campaign:
         raise UsageError("--resume needs --campaign NAME: the campaign to continue")
     if campaign is not None and not re.match(NAME_PATTERN, campaign):
@@ -776,6 +775,73 @@ def start_run(
     )
     _append(consortium.launch_log, record.model_dump_json())
     return record
+
+
+def check_finished_run(run_id: int, status: str, out_dir: Path) -> dict[str, Any]:
+    """The summary of a finished run whose every round produced a model; else raise.
+
+    Flower's status alone does not say it: a run whose rounds aggregated nothing used to
+    end "finished:completed". The ServerApp writes its ``outcome`` into
+    ``out_dir/summary.json`` (and fails the run when it is not ok).
+
+    Raises
+    ------
+    FederationError
+        The run failed or was stopped, wrote no summary, or trained fewer rounds than asked;
+        the message gives the reason and where the logs are.
+    """
+    path = out_dir / "summary.json"
+    try:
+        summary: dict[str, Any] = json.loads(path.read_text())
+    except (OSError, ValueError):
+        summary = {}
+    outcome = summary.get("outcome") or {}
+    if not status.startswith("finished:completed"):
+        reason = outcome.get("reason") or "see the ServerApp's log (busfed federation log)"
+        raise FederationError(f"run {run_id} ended as {status}: {reason}")
+    if not summary:
+        raise FederationError(f"run {run_id}: the ServerApp wrote no readable {path}")
+    if not outcome.get("ok"):
+        raise FederationError(f"run {run_id}: {outcome.get('reason', 'no outcome recorded')}")
+    return summary
+
+
+def wait_for_run(
+    consortium: Consortium,
+    launch: LaunchRecord,
+    *,
+    announce: Any = print,
+    poll_s: float = 5.0,
+    timeout_s: float | None = None,
+) -> dict[str, Any]:
+    """Follow a launched run to its end, announcing each round; return its summary.
+
+    Raises
+    ------
+    FederationError
+        As ``check_finished_run``, or the run did not end within ``timeout_s``.
+    """
+    cli = consortium.cli()
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    shown = 0
+    while True:
+        runs = cli.runs(launch.run_id)
+        status = str(runs[0].get("status", "")) if runs else ""
+        rounds_log = launch.out_dir / "rounds.jsonl"
+        lines = rounds_log.read_text().splitlines() if rounds_log.exists() else []
+        for line in lines[shown:]:
+            r = json.loads(line)
+            announce(
+                f"round {r['round']}: model version {r['model_version']}, sites "
+                f"{', '.join(sorted(r['sites'])) or 'none'}"
+                + (f", no update from {', '.join(r['dropped'])}" if r["dropped"] else "")
+            )
+        shown = len(lines)
+        if status.startswith("finished"):
+            return check_finished_run(launch.run_id, status, launch.out_dir)
+        if deadline is not None and time.monotonic() > deadline:
+            raise FederationError(f"run {launch.run_id} did not finish in {timeout_s:.0f} s")
+        time.sleep(poll_s)
 
 
 def active_run(consortium: Consortium) -> int:

@@ -29,6 +29,7 @@ from deploy.federation import (
     serve_superlink,
     start_run,
     stop_run,
+    wait_for_run,
 )
 from deploy.pki import SERVER_LIFETIME, renew_server_certificate
 
@@ -287,8 +288,13 @@ START_HELP = (
     "Start a training run: submit the busfed Flower app to the SuperLink and print its run "
     "id. MLflow, the registered model and the out-dir (DIR/runs/CAMPAIGN) come from "
     "DIR/consortium.toml; options left out take the app's defaults (pyproject.toml). Each "
-    "site trains with its own privacy settings and refuses a round beyond its budget."
-    + _exit_codes(EXIT_USAGE, EXIT_FEDERATION)
+    "site trains with its own privacy settings and refuses a round beyond its budget. "
+    "With --wait it follows the run to its end and exits 0 only if every round produced a "
+    "registered model."
+    + _exit_codes(
+        EXIT_USAGE,
+        EXIT_FEDERATION + " (with --wait: the run failed, or a round produced no model)",
+    )
 )
 
 
@@ -334,6 +340,12 @@ def start(
         str | None,
         typer.Option(help="What to train: wauve (video) or keyframe2d (key-frame comparator)."),
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="Follow the run to its end; exit 5 if a round produced no model."
+        ),
+    ] = False,
 ) -> None:
     launch = start_run(
         Consortium.load(directory),
@@ -356,6 +368,10 @@ def start(
         f"Watch it: busfed federation status --dir {directory}",
         soft_wrap=True,
     )
+    if wait:
+        summary = wait_for_run(Consortium.load(directory), launch, announce=console.print)
+        versions = [str(r["model_version"]) for r in summary["rounds"]]
+        console.print(f"Run {launch.run_id} finished: model versions {', '.join(versions)}")
 
 
 STOP_HELP = "Stop RUN_ID, or the one run still active." + _exit_codes(

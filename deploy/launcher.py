@@ -19,11 +19,13 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -32,6 +34,13 @@ from deploy.pki import ConsortiumPKI, NodeKeys
 
 HOST = "127.0.0.1"
 PROFILE = "busfed"
+# The Flower app busfed submits: this checkout (pyproject.toml's [tool.flwr.app]).
+APP_DIR = Path(__file__).resolve().parent.parent
+# Every process busfed spawns carries this variable (a token per spawn), and so does every
+# process those spawn: Flower detaches some (flower-superexec, flwr-serverapp) into
+# sessions of their own, and once their parent is gone they hang from PID 1.
+TREE_VARIABLE = "BUSFED_PROCESS_TREE"
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -98,9 +107,10 @@ def write_profile(flwr_home: Path, *, address: str, ca_cert: Path, name: str = P
 
 def superlink_argv(pki: ConsortiumPKI, *, host: str, port: int, database: Path | None) -> list[str]:
     """``flower-superlink`` as busfed always runs it: TLS, SuperNode authentication, and
-    no package installs at run time. Without ``database`` its state lives in memory."""
+    no package installs at run time, through ``busfed-superlink`` (a SQLite busy timeout
+    fit for busy machines). Without ``database`` its state lives in memory."""
     argv = [
-        _bin("flower-superlink"),
+        _bin("busfed-superlink"),
         "--host", host,
         "--port", str(port),
         "--ssl-ca-certfile", str(pki.ca_cert),
@@ -119,17 +129,14 @@ class ManagedProcess:
     name: str
     popen: subprocess.Popen[bytes]
     log: Path | None
+    tree_token: str = ""
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def kill(self) -> None:
         """SIGKILL this process and everything it spawned, as a machine failure would."""
-        try:
-            root = psutil.Process(self.popen.pid)
-            tree = [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
+        tree = process_tree([self])
         for p in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()
@@ -148,6 +155,7 @@ def spawn(
     name: str, argv: list[str], *, env: dict[str, str], cwd: Path, log: Path | None
 ) -> ManagedProcess:
     """Start ``argv`` in a session of its own; its output goes to ``log``, or to ours if None."""
+    token = uuid.uuid4().hex
     handle = log.open("ab") if log is not None else None
     try:
         popen = subprocess.Popen(
@@ -155,14 +163,34 @@ def spawn(
             stdout=handle,
             stderr=subprocess.STDOUT if handle is not None else None,
             stdin=subprocess.DEVNULL,
-            env=env,
+            env={**env, TREE_VARIABLE: token},
             cwd=cwd,
             start_new_session=True,
         )
     finally:
         if handle is not None:
             handle.close()
-    return ManagedProcess(name=name, popen=popen, log=log)
+    return ManagedProcess(name=name, popen=popen, log=log, tree_token=token)
+
+
+def process_tree(processes: list[ManagedProcess]) -> list[psutil.Process]:
+    """These processes and every process they spawned, parents first: their children, and
+    any process that carries one of their tree tokens (orphans that Flower detached)."""
+    tree: dict[int, psutil.Process] = {}
+    for proc in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(proc.popen.pid)
+            for p in [root, *root.children(recursive=True)]:
+                tree.setdefault(p.pid, p)
+    tokens = {proc.tree_token for proc in processes if proc.tree_token}
+    if tokens:
+        for p in psutil.process_iter():
+            if p.pid in tree or p.pid == os.getpid():
+                continue
+            with contextlib.suppress(psutil.Error):
+                if p.environ().get(TREE_VARIABLE) in tokens:
+                    tree[p.pid] = p
+    return list(tree.values())
 
 
 def stop_processes(processes: list[ManagedProcess]) -> None:
@@ -170,15 +198,10 @@ def stop_processes(processes: list[ManagedProcess]) -> None:
 
     Flower detaches some children (flower-superexec, flwr-serverapp) into sessions of
     their own, so process groups are not enough: the whole tree is collected first
-    (while parents still exist), then sent SIGTERM, then SIGKILL after a grace period.
+    (children while parents still exist, and orphans by their tree token), then sent
+    SIGTERM, then SIGKILL after a grace period.
     """
-    tree: list[psutil.Process] = []
-    for proc in processes:
-        try:
-            root = psutil.Process(proc.popen.pid)
-            tree += [root, *root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            continue
+    tree = process_tree(processes)
     for p in reversed(tree):
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()
@@ -221,16 +244,39 @@ def _json_reply(out: str, what: str) -> dict[str, Any]:
     return dict(data)
 
 
+# What the flwr CLI prints when the SuperLink was busy, not wrong: HTTP 500 from a locked
+# SQLite database, or a proxy's 502-504. Such calls are tried again (TRANSIENT_RETRY_S).
+TRANSIENT_FLWR_ERRORS = (
+    "internal server error",
+    "database is locked",
+    "bad gateway",
+    "service unavailable",
+    "gateway timeout",
+)
+TRANSIENT_RETRY_S = 120.0
+
+
+def is_transient(message: str) -> bool:
+    """Whether a failed flwr call says the SuperLink was busy (worth trying again)."""
+    lowered = message.lower()
+    return any(marker in lowered for marker in TRANSIENT_FLWR_ERRORS)
+
+
 @dataclass(frozen=True)
 class FlowerCli:
-    """The ``flwr`` CLI against one SuperLink connection profile in ``flwr_home``."""
+    """The ``flwr`` CLI against one SuperLink connection profile in ``flwr_home``.
+
+    A call the SuperLink answers with a transient error (``is_transient``) is tried again
+    with exponential back-off (1, 2, 4 ... 15 s) for up to ``retry_s`` seconds; each retry
+    is announced on stderr. Every other failure raises at once.
+    """
 
     flwr_home: Path
     cwd: Path
     profile: str = PROFILE
+    retry_s: float = TRANSIENT_RETRY_S
 
-    def __call__(self, *args: str, timeout: float = 120) -> str:
-        """Run ``flwr ARGS``; return its stdout, or raise FederationError naming the call."""
+    def _once(self, args: tuple[str, ...], timeout: float) -> str:
         try:
             res = subprocess.run(
                 [_bin("flwr"), *args],
@@ -251,6 +297,24 @@ class FlowerCli:
             )
         return res.stdout
 
+    def _retrying(self, call: Callable[[], T], what: str) -> T:
+        deadline = time.monotonic() + self.retry_s
+        wait = 1.0
+        while True:
+            try:
+                return call()
+            except FederationError as exc:
+                if not is_transient(str(exc)) or time.monotonic() + wait > deadline:
+                    raise
+                print(f"busfed: {what}: the SuperLink is busy ({str(exc).splitlines()[-1]}); "
+                      f"trying again in {wait:.0f} s", file=sys.stderr)  # fmt: skip
+                time.sleep(wait)
+                wait = min(2 * wait, 15.0)
+
+    def __call__(self, *args: str, timeout: float = 120) -> str:
+        """Run ``flwr ARGS``; return its stdout, or raise FederationError naming the call."""
+        return self._retrying(lambda: self._once(args, timeout), f"flwr {' '.join(args)}")
+
     def passthrough(self, *args: str) -> int:
         """Run ``flwr ARGS`` with its output on ours (``flwr log --stream``); its exit code."""
         return subprocess.call(
@@ -261,7 +325,9 @@ class FlowerCli:
         )
 
     def json(self, *args: str, what: str, timeout: float = 120) -> dict[str, Any]:
-        return _json_reply(self(*args, "--format", "json", timeout=timeout), what)
+        return self._retrying(
+            lambda: _json_reply(self._once((*args, "--format", "json"), timeout), what), what
+        )
 
     def register(self, public_key: Path, *, name: str) -> int:
         """Enrol a SuperNode public key; return the node id the SuperLink gave it."""
@@ -313,6 +379,9 @@ class LocalFederation:
     processes: list[ManagedProcess] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.launch: dict[str, tuple[list[str], dict[str, str]]] = {}
+        self.watchdog: SuperNodeWatchdog | None = None
+        self._lock = threading.RLock()
         self.logs = self.workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         self.flwr_home = self.workdir / "flwr-home"
@@ -334,12 +403,15 @@ class LocalFederation:
         proc = spawn(
             name, argv, env=env or self.env(), cwd=self.workdir, log=self.logs / f"{name}.log"
         )
-        self.processes.append(proc)
+        with self._lock:
+            self.processes.append(proc)
         return proc
 
-    def start_superlink(self, *, database: Path | None = None) -> ManagedProcess:
+    def start_superlink(
+        self, *, database: Path | None = None, extra_args: list[str] | None = None
+    ) -> ManagedProcess:
         argv = superlink_argv(self.pki, host=HOST, port=self.port, database=database)
-        proc = self._spawn("superlink", argv)
+        proc = self._spawn("superlink", [*argv, *(extra_args or [])])
         wait_listening(proc, HOST, self.port, timeout=60)
         return proc
 
@@ -369,10 +441,13 @@ class LocalFederation:
         ca_cert: Path | None = None,
         superlink: str | None = None,
     ) -> ManagedProcess:
-        """Start a site's SuperNode; ``ca_cert`` overrides the CA it trusts and
-        ``superlink`` the address it dials, e.g. a ``deploy.netproxy.TcpRelay`` (tests)."""
+        """Start a site's SuperNode (``busfed-supernode``, which writes its pull loop's state
+        for the watchdog); ``ca_cert`` overrides the CA it trusts and ``superlink`` the
+        address it dials, e.g. a test's cut-able relay."""
+        name = f"supernode-{site}"
         argv = [
-            _bin("flower-supernode"),
+            _bin("busfed-supernode"),
+            "--state-file", str(self.state_file(name)),
             "--superlink", superlink or self.address,
             "--root-certificates", str(ca_cert or self.pki.ca_cert),
             "--auth-supernode-private-key", str(keys.private_key),
@@ -382,7 +457,29 @@ class LocalFederation:
         ]  # fmt: skip
         full_env = self.env()
         full_env.update(env or {})
-        return self._spawn(f"supernode-{site}", argv, env=full_env)
+        self.launch[name] = (argv, full_env)
+        return self._spawn(name, argv, env=full_env)
+
+    def state_file(self, name: str) -> Path:
+        """Where the SuperNode ``name`` writes its pull loop's state."""
+        return self.logs / f"{name}.state.json"
+
+    def restart(self, name: str) -> ManagedProcess:
+        """Start the SuperNode ``name`` again as it was first started (after killing
+        whatever is left of it); it replaces the old one in ``processes``."""
+        argv, env = self.launch[name]
+        with self._lock:
+            old = [p for p in self.processes if p.name == name]
+            stop_processes(old)
+            proc = spawn(name, argv, env=env, cwd=self.workdir, log=self.logs / f"{name}.log")
+            self.processes = [p for p in self.processes if p.name != name] + [proc]
+        return proc
+
+    def start_watchdog(self, **settings: float) -> SuperNodeWatchdog:
+        """Watch every SuperNode started here and restart one that dies or hangs."""
+        self.watchdog = SuperNodeWatchdog(self, **settings)
+        self.watchdog.start()
+        return self.watchdog
 
     def run(self, app: Path, run_config: Mapping[str, Any]) -> int:
         """Submit the app for a run; return the run id."""
@@ -396,10 +493,99 @@ class LocalFederation:
 
     def stop(self) -> None:
         """Stop every process started here and everything they spawned."""
-        stop_processes(self.processes)
+        if self.watchdog is not None:
+            self.watchdog.stop()
+        with self._lock:
+            stop_processes(self.processes)
 
     def __enter__(self) -> LocalFederation:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+@dataclass(frozen=True)
+class Restart:
+    """One restart by the watchdog: which SuperNode, why, and when (epoch seconds)."""
+
+    name: str
+    reason: str
+    detected: float
+    restarted: float
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class SuperNodeWatchdog:
+    """What systemd's ``Restart=on-failure`` and ``WatchdogSec=`` do for a site, for the
+    SuperNodes of a ``LocalFederation``: a SuperNode that exited (``busfed-supernode`` exits
+    when its pull loop ends or stalls) or whose state file has not changed for
+    ``silent_after_s`` (a frozen process) is killed with its children and started again,
+    at most once every ``restart_after_s``. Each restart is logged to ``watchdog.log``.
+    """
+
+    def __init__(
+        self,
+        fed: LocalFederation,
+        *,
+        restart_after_s: float = 10.0,
+        silent_after_s: float = 60.0,
+        interval_s: float = 2.0,
+    ) -> None:
+        self.fed = fed
+        self.restart_after_s = restart_after_s
+        self.silent_after_s = silent_after_s
+        self.interval_s = interval_s
+        self.restarts: list[Restart] = []
+        self._down_since: dict[str, tuple[float, str]] = {}
+        self._started = {name: time.time() for name in fed.launch}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="supernode-watchdog", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def problem(self, proc: ManagedProcess) -> str | None:
+        """Why ``proc`` needs a restart, or None while it is well."""
+        if not proc.alive():
+            return f"exited with code {proc.popen.returncode}"
+        state = self.fed.state_file(proc.name)
+        last = state.stat().st_mtime if state.exists() else self._started.get(proc.name, 0.0)
+        silent = time.time() - max(last, self._started.get(proc.name, 0.0))
+        if silent > self.silent_after_s:
+            return f"no sign of life for {silent:.0f} s"
+        return None
+
+    def check(self) -> None:
+        """One look at every SuperNode; restart those that need it and may be restarted."""
+        for name in list(self.fed.launch):
+            with self.fed._lock:
+                proc = next((p for p in self.fed.processes if p.name == name), None)
+            if proc is None:
+                continue
+            reason = self.problem(proc)
+            if reason is None:
+                self._down_since.pop(name, None)
+                continue
+            detected, first_reason = self._down_since.setdefault(name, (time.time(), reason))
+            if time.time() - self._started.get(name, 0.0) < self.restart_after_s:
+                continue
+            self.fed.restart(name)
+            self._started[name] = time.time()
+            self._down_since.pop(name, None)
+            event = Restart(name, first_reason, detected, self._started[name])
+            self.restarts.append(event)
+            with (self.fed.logs / "watchdog.log").open("a") as f:
+                f.write(json.dumps(event.as_json()) + "\n")
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            with contextlib.suppress(Exception):  # a watchdog must outlive one bad look
+                self.check()

@@ -14,10 +14,12 @@ from typing import Any
 from flwr.common import Context, ndarrays_to_parameters
 from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
-from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow import DefaultWorkflow
 
 from common.errors import FederationError
+from common.flower_compat import retry_transient_superlink_errors
 from common.models.bundle import DEFAULT_MODEL, ModelBundle, build_bundle, bundle_class, get_weights
+from server.secagg import PacedSecAggPlusWorkflow, StagePacing
 from server.strategy import TrackedFedAvg, privacy_from_tags, strict_json
 from server.tracking import Tracker
 
@@ -61,15 +63,45 @@ def summary(strategy: TrackedFedAvg, tracker: Tracker, *, secure: bool) -> dict[
     }
 
 
-def secure_fit_workflow(run_config: dict[str, Any]) -> SecAggPlusWorkflow | None:
-    """SecAgg+ as the run config asks for it, or None for Flower's plain fit workflow."""
+def secure_fit_workflow(run_config: dict[str, Any]) -> PacedSecAggPlusWorkflow | None:
+    """SecAgg+ as the run config asks for it, or None for Flower's plain fit workflow.
+
+    Each stage waits ``secagg-timeout-limit`` seconds until it has been timed once, then
+    ``secagg-timeout-factor`` times its slowest complete run, at least ``secagg-timeout``.
+    """
     if not bool(run_config["secure-aggregation"]):
         return None
-    return SecAggPlusWorkflow(
+    pacing = StagePacing(
+        floor_s=float(run_config["secagg-timeout"]),
+        limit_s=float(run_config["secagg-timeout-limit"]),
+        factor=float(run_config["secagg-timeout-factor"]),
+    )
+    return PacedSecAggPlusWorkflow(
+        pacing=pacing,
         num_shares=int(run_config["secagg-num-shares"]),
         reconstruction_threshold=int(run_config["secagg-reconstruction-threshold"]),
-        timeout=float(run_config["secagg-timeout"]),
     )
+
+
+def outcome(strategy: TrackedFedAvg, *, asked: int) -> dict[str, Any]:
+    """Whether the run did what it was asked: ``asked`` rounds, each with a new model.
+
+    A round that aggregated nothing leaves the global model unchanged; a run with such a
+    round has not trained what was asked, whatever Flower's own status says.
+    """
+    with_model = [r.round for r in strategy.records if r.model_version is not None]
+    without = [r.round for r in strategy.records if r.model_version is None]
+    reasons = []
+    if without:
+        reasons.append(f"round(s) {', '.join(map(str, without))} produced no model")
+    if len(with_model) < asked:
+        reasons.append(f"{len(with_model)} of {asked} round(s) produced a model")
+    return {
+        "ok": not reasons,
+        "rounds_asked": asked,
+        "rounds_with_model": len(with_model),
+        "reason": "; ".join(reasons),
+    }
 
 
 @dataclass
@@ -134,6 +166,8 @@ def chosen_model(run_config: dict[str, Any]) -> tuple[str, str]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     rc = context.run_config
+    # The SuperLink may answer "database is locked" (HTTP 500) on a busy machine.
+    retry_transient_superlink_errors()
     out_dir = Path(str(rc["out-dir"]))
     secure = bool(rc["secure-aggregation"])
     rounds = int(rc["num-server-rounds"])
@@ -192,15 +226,20 @@ def main(grid: Grid, context: Context) -> None:
         strategy=strategy,
     )
     fit_workflow = secure_fit_workflow(dict(rc))
+    if fit_workflow is not None:
+        strategy.stage_timing = fit_workflow.round_timing
     log(
         INFO,
         "busfed: campaign %s, rounds %s to %s, preset %s, secure aggregation %s",
         campaign, start.round + 1, rounds, preset, secure,
     )  # fmt: skip
     status = "FAILED"
+    result_of_run: dict[str, Any] = {"ok": False, "reason": "the ServerApp failed"}
     try:
         DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
-        status = "FINISHED"
+        strategy.finish()
+        result_of_run = outcome(strategy, asked=max(0, rounds - start.round))
+        status = "FINISHED" if result_of_run["ok"] else "FAILED"
     finally:
         strategy.finish()
         tracker.finish(status)
@@ -208,4 +247,8 @@ def main(grid: Grid, context: Context) -> None:
         result = summary(strategy, tracker, secure=secure)
         result["campaign"] = campaign
         result["resumed_from"] = start.as_json()
+        result["outcome"] = result_of_run
         (out_dir / "summary.json").write_text(strict_json(result, indent=2))
+    if not result_of_run["ok"]:
+        # Flower then ends the run as failed, and busfed's commands exit non-zero.
+        raise FederationError(f"campaign {campaign}: {result_of_run['reason']}")

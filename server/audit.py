@@ -41,6 +41,7 @@ from pydantic import ValidationError
 
 from common.errors import ConfigError, UsageError
 from common.keys import load_verify_key, signing_key_paths
+from common.privacy.empirical import EmpiricalAudit
 from common.privacy.ledger import (
     GENESIS_HASH,
     LedgerEntry,
@@ -387,12 +388,17 @@ def load_versions(path: Path) -> dict[int, str]:
 
 
 def write_report(
-    result: AuditResult, out: Path, *, versions: Mapping[int, str] | None = None
+    result: AuditResult,
+    out: Path,
+    *,
+    versions: Mapping[int, str] | None = None,
+    empirical: EmpiricalAudit | None = None,
 ) -> list[Path]:
     """Write a self-contained HTML report to ``out`` and one PNG plot per ledger beside it.
 
     The page needs no network: plots are inlined as base64 PNG and the style is inline.
-    Ledgers with no verified entry get no plot.
+    Ledgers with no verified entry get no plot. ``empirical`` (from ``busfed audit
+    empirical``) adds a section with its bound next to the ledgers' epsilons.
 
     Returns
     -------
@@ -425,6 +431,7 @@ def write_report(
         plots="\n".join(sections),
         refusals=_refusals_html(result),
         entries=_entries_html(result, versions),
+        empirical="" if empirical is None else _empirical_html(empirical, result),
         rel=EPSILON_REL_TOLERANCE * 100,
         abs=EPSILON_ABS_TOLERANCE,
     )
@@ -644,6 +651,47 @@ def _noise_source_html(source: str | None) -> str:
     return f'<span class="bad">{_e(source)}</span>' if "insecure" in source else _e(source)
 
 
+def _empirical_html(audit: EmpiricalAudit, result: AuditResult) -> str:
+    claimed = (
+        "inf (noise off: the power check)"
+        if audit.epsilon_claimed is None
+        else f"{audit.epsilon_claimed:.4f} ({_e(audit.accountant)})"
+    )
+    verdict = (
+        '<span class="ok">consistent</span>'
+        if audit.consistent
+        else '<span class="bad">VIOLATION: the bound exceeds the claimed epsilon</span>'
+    )
+    head = [
+        "model", "noise source", "sigma", "C", "q", "steps", "canaries (in)", "guesses",
+        "correct", "delta",
+        f"epsilon lower bound ({audit.confidence:.0%} confidence)", "claimed epsilon of the run",
+        "verdict",
+    ]  # fmt: skip
+    row = [
+        _e(audit.model), _noise_source_html(audit.noise_source),
+        f"{audit.noise_multiplier:g}", f"{audit.max_grad_norm:g}",
+        f"{audit.sample_rate:g}", str(audit.steps), f"{audit.canaries} ({audit.canaries_in})",
+        str(audit.guesses), str(audit.correct), f"{audit.delta:g}",
+        f"{audit.epsilon_lower_bound:.4f}", claimed, verdict,
+    ]  # fmt: skip
+    ledgers = "; ".join(
+        f"{_e(ledger.site or ledger.file.name)} {ledger.entries[-1].epsilon_total:.4f} at delta "
+        f"{ledger.entries[-1].entry.delta:g}"
+        for ledger in result.ledgers
+        if ledger.entries
+    )
+    return (
+        "<h2>Empirical audit</h2>\n<p>One training run of the sites' DP-SGD on a rehearsal "
+        "site with canary patients (Steinke, Nasr and Jagielski 2023): a lower bound on the "
+        "epsilon the training code actually has, next to the accountant's epsilon of that "
+        "run. One-run bounds are loose, so a bound below the claim does not prove the claim; "
+        "a bound above it shows that the code leaks more than its accounting says.</p>\n"
+        + _table(head, [row])
+        + f"<p>The ledgers' epsilon_total (recomputed): {ledgers or 'none verified'}.</p>"
+    )
+
+
 _STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; margin: 2em auto;
        max-width: 1100px; color: #1b1b1b; padding: 0 1em; }
@@ -678,6 +726,7 @@ dp-accounting from the recorded parameters; tolerance {rel:g}% + {abs:g}.</p>
 {refusals}
 <h2>Every entry</h2>
 {entries}
+{empirical}
 </body>
 </html>
 """

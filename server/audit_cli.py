@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from common.errors import BusfedError, ValidationFailed
+from common.privacy.empirical import load_empirical
 from server.audit import (
     EPSILON_ABS_TOLERANCE,
     EPSILON_REL_TOLERANCE,
@@ -54,10 +55,13 @@ REPORT_HELP = (
     + _CHECKS
     + "The report shows the verdict, each site's epsilon over rounds against its budget "
     "(also written as PNG files beside the HTML), the refusals and every entry's "
-    "parameters.\n\n"
+    "parameters. --empirical adds the result of `busfed audit empirical`: its lower bound on "
+    "epsilon next to the claimed one and the ledgers' epsilons.\n\n"
     "Exit codes:\n"
-    "0  report written, every ledger verified\n"
-    "1  report written, a ledger failed verification\n" + _CODES
+    "0  report written, every ledger verified (and the empirical bound, if given, is at "
+    "most its claimed epsilon)\n"
+    "1  report written, a ledger failed verification or the empirical bound exceeds its "
+    "claimed epsilon\n" + _CODES
 )
 
 Ledgers = Annotated[
@@ -131,16 +135,30 @@ def report(
             help='JSON {"<round>": "<registered model version>"}; adds a model version column.',
         ),
     ] = None,
+    empirical: Annotated[
+        Path | None,
+        typer.Option(
+            "--empirical",
+            metavar="JSON",
+            help="empirical.json from `busfed audit empirical`; adds its section.",
+        ),
+    ] = None,
 ) -> None:
     try:
         mapping = None if versions is None else load_versions(versions)
+        audit = None if empirical is None else load_empirical(empirical)
         result = verify_ledgers(ledgers, keys)
     except BusfedError as error:
         raise _fail(error) from error
-    written = write_report(result, out, versions=mapping)
+    written = write_report(result, out, versions=mapping, empirical=audit)
     _print(result)
     Console(highlight=False).print(
         f"report: {written[0]}; plots: {', '.join(map(str, written[1:]))}"
     )
-    if not result.ok:
+    if audit is not None and not audit.consistent:
+        Console(highlight=False).print(
+            f"[red]the empirical bound {audit.epsilon_lower_bound:.4f} exceeds the claimed "
+            f"epsilon {audit.epsilon_claimed:.4f}[/red]"
+        )
+    if not result.ok or (audit is not None and not audit.consistent):
         raise typer.Exit(code=ValidationFailed.exit_code)

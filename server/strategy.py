@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
@@ -104,6 +105,8 @@ class RoundRecord:
     # Sites that evaluated the round's model without having trained it (for example a site
     # that came back online mid-round): their validation metrics, kept apart from `sites`.
     evaluated_only: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # SecAgg+'s stages this round: the timeout each was given, its time, sites in and out.
+    secagg_stages: list[dict[str, Any]] = field(default_factory=list)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -114,6 +117,7 @@ class RoundRecord:
             "failures": self.failures,
             "dropped": self.dropped,
             "model_version": self.model_version,
+            "secagg_stages": self.secagg_stages,
         }
 
 
@@ -148,6 +152,8 @@ class TrackedFedAvg(FedAvg):
         # Every site's latest reported epsilon, delta and budget: a site that sat a round out
         # still has its spend tagged on that round's model version (after a resume too).
         self._privacy_of_site: dict[str, dict[str, float]] = dict(site_privacy or {})
+        # Set by the ServerApp to the SecAgg+ workflow's timing of the round in progress.
+        self.stage_timing: Callable[[], list[dict[str, Any]]] = list
 
     # ------------------------------------------------------------------ fit
     def configure_fit(
@@ -165,7 +171,7 @@ class TrackedFedAvg(FedAvg):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.round_offset
         self._flush()
-        record = RoundRecord(round=server_round)
+        record = RoundRecord(round=server_round, secagg_stages=self.stage_timing())
         record.failures = [describe_failure(f) for f in failures]
         for proxy, res in results:
             self._site_of_node[proxy.cid] = str(res.metrics.get("site", proxy.cid))
@@ -255,7 +261,7 @@ class TrackedFedAvg(FedAvg):
             # than its threshold answer, for example when every site refused): the global
             # model is unchanged. The round is still recorded, never left to vanish.
             self._flush()
-            record = RoundRecord(round=server_round)
+            record = RoundRecord(round=server_round, secagg_stages=self.stage_timing())
             record.failures = ["no aggregate: too few sites sent an update; model unchanged"]
             record.dropped = sorted(self._site_of_node.get(c, f"node {c}") for c in self._sampled)
             record.metrics["sites_participating"] = 0.0

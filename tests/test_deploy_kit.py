@@ -33,6 +33,9 @@ VENV_PREFIX = "/opt/busfed/venv/bin/"
 HELP_ARGV = {
     "flower-superlink": ["flower-superlink", "--help"],
     "flower-supernode": ["flower-supernode", "--help"],
+    # busfed's wrappers print their own options, then Flower's.
+    "busfed-superlink": ["busfed-superlink", "--help"],
+    "busfed-supernode": ["busfed-supernode", "--help"],
 }
 ENV = {**os.environ, "FLWR_DISABLE_UPDATE_CHECK": "1", "COLUMNS": "200", "NO_COLOR": "1"}
 

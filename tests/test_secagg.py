@@ -21,6 +21,8 @@ RUN_CONFIG = {
     "secagg-num-shares": 3,
     "secagg-reconstruction-threshold": 2,
     "secagg-timeout": 60.0,
+    "secagg-timeout-limit": 900.0,
+    "secagg-timeout-factor": 3.0,
 }
 
 

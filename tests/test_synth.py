@@ -574,3 +574,28 @@ def test_sheet_command_writes_the_sheet(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "s.png") as image:
         assert image.size == (7 * 54 + 6, 3 * 98 + 6)
+
+
+def test_min_per_class_gives_each_class_and_a_defined_validation_auc(tmp_path):
+    # hospital-b of the demo (seed 8, vendor-b, 16 patients) drew no malignant patient.
+    plain = generate_site(
+        tmp_path / "plain", site="hospital-b", patients=16, seed=8, vendor="vendor-b",
+        frames=8, size=64,
+    )  # fmt: skip
+    assert plain.n_malignant == 0
+    summary = generate_site(
+        tmp_path / "b", site="hospital-b", patients=16, seed=8, vendor="vendor-b",
+        frames=8, size=64, min_per_class=3,
+    )  # fmt: skip
+    assert summary.n_malignant >= 3 and summary.n_patients - summary.n_malignant >= 3
+    with (tmp_path / "b" / "manifest.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    val = {r["label"] for r in rows if r["split"] == "val"}
+    assert val == {"benign", "malignant"}
+    generate_site(
+        tmp_path / "b2", site="hospital-b", patients=16, seed=8, vendor="vendor-b",
+        frames=8, size=64, min_per_class=3,
+    )  # fmt: skip
+    assert (tmp_path / "b" / "manifest.csv").read_bytes() == (
+        tmp_path / "b2" / "manifest.csv"
+    ).read_bytes()

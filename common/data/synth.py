@@ -1583,6 +1583,7 @@ def generate_site(
     fps: int = 10,
     progress: Callable[[int, int], None] | None = None,
     normal_fraction: float = 0.15,
+    min_per_class: int = 0,
 ) -> SiteSummary:
     """Write a synthetic site dataset into ``out``.
 
@@ -1611,6 +1612,11 @@ def generate_site(
         have no boxes, and are labelled ``benign`` with BI-RADS ``1``; their rows of
         ``lesions.csv`` leave the lesion columns empty, as ``manifest.csv`` leaves
         ``lesion_size_mm``.
+    min_per_class : int
+        At least this many malignant and this many benign patients (0: whatever the draws
+        give; 16 patients gave no malignant one at some seeds); with 1 or more, the
+        validation split also holds a patient of each class, so a site's validation AUC is
+        defined. Patients are redrawn, in a seeded order, until it holds.
 
     Returns
     -------
@@ -1629,6 +1635,8 @@ def generate_site(
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UsageError(f"{out} exists and is not an empty folder")
+    if min_per_class < 0 or 2 * min_per_class > patients:
+        raise UsageError(f"need 0 <= 2 * min_per_class <= patients, got {min_per_class}")
     _check_frames(frames, size)
 
     # Python's hash() is salted per process; a digest of the name is stable.
@@ -1639,6 +1647,10 @@ def generate_site(
         _plan_patient(f"{site}-p{index:04d}", stream, normal_fraction)
         for index, stream in enumerate(streams[:-1])
     ]
+    if min_per_class:
+        redraws = np.random.SeedSequence([seed, site_key, 1])
+        plans = _balance_classes(plans, min_per_class, redraws, normal_fraction)
+        splits = _val_holds_both(splits, [_is_malignant(p) for p in plans])
     total = sum(len(plan.sweeps) for plan in plans)
 
     (out / "videos").mkdir(parents=True, exist_ok=True)
@@ -1735,6 +1747,45 @@ def _plan_patient(
         geometry_seq=geometry_seq,
         sweeps=list(zip(directions, sweep_seqs[:n_sweeps], strict=True)),
     )
+
+
+def _is_malignant(plan: _Patient) -> bool:
+    return plan.lesion is not None and plan.lesion.malignant
+
+
+def _balance_classes(
+    plans: list[_Patient], need: int, redraws: np.random.SeedSequence, normal_fraction: float
+) -> list[_Patient]:
+    """Redraw patients of the larger class, from the last one back, until each class has
+    ``need`` patients; each redraw takes the next stream of ``redraws``."""
+    plans = list(plans)
+    for wanted in (True, False):
+        for index in reversed(range(len(plans))):
+            if sum(_is_malignant(p) == wanted for p in plans) >= need:
+                break
+            if _is_malignant(plans[index]) == wanted:
+                continue
+            for _ in range(10_000):  # about one draw in three is malignant
+                (stream,) = redraws.spawn(1)
+                plan = _plan_patient(plans[index].patient_id, stream, normal_fraction)
+                if _is_malignant(plan) == wanted:
+                    plans[index] = plan
+                    break
+    return plans
+
+
+def _val_holds_both(splits: list[str], malignant: list[bool]) -> list[str]:
+    """Swap a training patient into validation for any class validation lacks."""
+    splits = list(splits)
+    for wanted in (True, False):
+        val = [i for i, s in enumerate(splits) if s == "val"]
+        if not val or any(malignant[i] == wanted for i in val):
+            continue
+        train = [i for i, s in enumerate(splits) if s == "train" and malignant[i] == wanted]
+        if train:
+            # The validation patient swapped out is of the other class; keep one of it.
+            splits[train[0]], splits[val[-1]] = "val", "train"
+    return splits
 
 
 def _assign_splits(patients: int, rng: np.random.Generator) -> list[str]:

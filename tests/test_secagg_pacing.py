@@ -1,0 +1,122 @@
+"""SecAgg+ stage timeouts follow the sites' measured time, within a stated limit.
+
+Real SecAgg+ (Flower's workflow and ``secaggplus_mod``) in Flower's simulation engine, with
+sites whose local training takes longer than the floor timeout.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.client import ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Context, ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.simulation import run_simulation
+
+from server.app import secure_fit_workflow
+from server.secagg import PacedSecAggPlusWorkflow, StagePacing
+
+SITES = 3
+FIT_SECONDS = 6.0
+SHAPE = (8,)
+
+
+class SlowSite(NumPyClient):
+    def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+        time.sleep(FIT_SECONDS)
+        return [np.ones(SHAPE, np.float32)], 10, {}
+
+
+def run_rounds(make_workflow, rounds: int) -> tuple[list[bool], object]:  # type: ignore[no-untyped-def]
+    """Run ``rounds`` SecAgg+ rounds; per round, whether an aggregate reached the strategy."""
+    aggregated: list[bool] = []
+    holder: dict[str, object] = {}
+
+    class Record(FedAvg):
+        def aggregate_fit(self, server_round, results, failures):  # type: ignore[no-untyped-def]
+            params, metrics = super().aggregate_fit(server_round, results, failures)
+            aggregated.append(params is not None)
+            return params, metrics
+
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        strategy = Record(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=SITES,
+            min_available_clients=SITES,
+            initial_parameters=ndarrays_to_parameters([np.zeros(SHAPE, np.float32)]),
+        )  # fmt: skip
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
+        workflow = make_workflow()
+        holder["workflow"] = workflow
+        DefaultWorkflow(fit_workflow=workflow)(grid, legacy)
+
+    run_simulation(
+        server_app=server,
+        client_app=ClientApp(client_fn=lambda c: SlowSite().to_client(), mods=[secaggplus_mod]),
+        num_supernodes=SITES,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+    # SecAgg+ halts without calling the strategy when too few sites answer in time.
+    return aggregated + [False] * (rounds - len(aggregated)), holder["workflow"]
+
+
+def test_pacing_rule() -> None:
+    pacing = StagePacing(floor_s=60, limit_s=900, factor=3)
+    assert pacing.timeout([]) == 900  # not measured yet: the stated limit
+    assert pacing.timeout([10.0]) == 60  # never below the floor
+    assert pacing.timeout([10.0, 50.0]) == 150  # three times the slowest complete run
+    assert pacing.timeout([400.0]) == 900  # never above the limit
+    with pytest.raises(ValueError, match="floor"):
+        StagePacing(floor_s=100, limit_s=50, factor=3)
+    with pytest.raises(ValueError, match="factor"):
+        StagePacing(floor_s=1, limit_s=50, factor=0.5)
+
+
+def test_run_config_builds_the_paced_workflow() -> None:
+    workflow = secure_fit_workflow(
+        {
+            "secure-aggregation": True,
+            "secagg-num-shares": 3,
+            "secagg-reconstruction-threshold": 2,
+            "secagg-timeout": 60.0,
+            "secagg-timeout-limit": 900.0,
+            "secagg-timeout-factor": 3.0,
+        }
+    )
+    assert isinstance(workflow, PacedSecAggPlusWorkflow)
+    assert workflow.pacing == StagePacing(floor_s=60.0, limit_s=900.0, factor=3.0)
+
+
+@pytest.mark.timeout(600)
+def test_slow_sites_are_waited_for_and_the_wait_follows_their_pace() -> None:
+    # Control: Flower's fixed timeout shorter than the sites' training aggregates nothing,
+    # which is what the demo did with 60 s against three fits on two cores.
+    fixed, _ = run_rounds(
+        lambda: SecAggPlusWorkflow(num_shares=3, reconstruction_threshold=2, timeout=2.0), 1
+    )
+    assert fixed == [False]
+
+    pacing = StagePacing(floor_s=2.0, limit_s=120.0, factor=3.0)
+    paced, workflow = run_rounds(
+        lambda: PacedSecAggPlusWorkflow(pacing=pacing, num_shares=3, reconstruction_threshold=2),
+        2,
+    )
+    assert paced == [True, True]
+    assert isinstance(workflow, PacedSecAggPlusWorkflow)
+    collect = workflow.measured["collect_masked_vectors"]
+    assert len(collect) == 2 and min(collect) >= FIT_SECONDS
+    # Round 2's stage waited three times round 1's measured time: longer than the floor
+    # that failed above, shorter than the limit.
+    last = {run.stage: run for run in workflow.runs}
+    assert last["collect_masked_vectors"].timeout_s == pytest.approx(3 * collect[0])
+    assert pacing.floor_s < last["collect_masked_vectors"].timeout_s < pacing.limit_s
+    assert all(run.completed and run.sites_out == SITES for run in workflow.runs)
