@@ -260,11 +260,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (torch)")
     parser.add_argument("--stat", choices=sorted(STATISTICS), default="median")
     parser.add_argument("--skip-steps", action="store_true", help="only the noise timing")
+    parser.add_argument(
+        "--device", choices=("all", "cpu", "cuda"), default="all",
+        help="where to time (all: the CPU, and CUDA when visible)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    devices = [torch.device("cpu")]
-    if torch.cuda.is_available():
+    devices = [torch.device("cpu")] if args.device in ("all", "cpu") else []
+    if torch.cuda.is_available() and args.device in ("all", "cuda"):
         devices.append(torch.device("cuda"))
     if not args.skip_steps:
         title = (
