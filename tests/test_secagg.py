@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pytest
 from flwr.client import ClientApp, NumPyClient
@@ -49,6 +52,28 @@ def quantization_bound(updates: list[tuple[list[np.ndarray], int]]) -> float:
     return len(updates) * step / total_ratio
 
 
+def simulate_secagg(
+    strategy: FedAvg, fit_workflow: Callable[[], Any], *, rounds: int, client: ClientApp
+) -> None:
+    """``rounds`` rounds of ``strategy`` over ``fit_workflow()`` (SecAgg+) with ``SITES``
+    simulated sites running ``client``, in Flower's simulation engine."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        legacy = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
+        )
+        DefaultWorkflow(fit_workflow=fit_workflow())(grid, legacy)
+
+    run_simulation(
+        server_app=server,
+        client_app=client,
+        num_supernodes=SITES,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    )
+
+
 def test_secaggplus_sum_equals_weighted_fedavg(tmp_path: pytest.TempPathFactory) -> None:
     captured: dict[str, list[np.ndarray]] = {}
 
@@ -59,29 +84,20 @@ def test_secaggplus_sum_equals_weighted_fedavg(tmp_path: pytest.TempPathFactory)
             captured["sites"] = [r.metrics["site"] for _, r in results]
             return params, metrics
 
-    server = ServerApp()
-
-    @server.main()
-    def main(grid: Grid, context: Context) -> None:
-        strategy = Capture(
-            fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=SITES,
-            min_available_clients=SITES,
-            initial_parameters=ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES]),
-        )  # fmt: skip
-        legacy = LegacyContext(
-            context=context, config=ServerConfig(num_rounds=1), strategy=strategy
-        )
-        DefaultWorkflow(fit_workflow=secure_fit_workflow(RUN_CONFIG))(grid, legacy)
+    strategy = Capture(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=SITES,
+        min_available_clients=SITES,
+        initial_parameters=ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES]),
+    )  # fmt: skip
 
     def client_fn(context: Context):  # type: ignore[no-untyped-def]
         return FixedSite(int(context.node_config["partition-id"])).to_client()
 
-    client = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
-    run_simulation(
-        server_app=server,
-        client_app=client,
-        num_supernodes=SITES,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+    simulate_secagg(
+        strategy,
+        lambda: secure_fit_workflow(RUN_CONFIG),
+        rounds=1,
+        client=ClientApp(client_fn=client_fn, mods=[secaggplus_mod]),
     )
 
     assert sorted(captured["sites"]) == ["s0", "s1", "s2"]
