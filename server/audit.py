@@ -687,7 +687,8 @@ def _empirical_html(audit: EmpiricalAudit, result: AuditResult) -> str:
         "epsilon the training code actually has, next to the accountant's epsilon of that "
         "run. One-run bounds are loose, so a bound below the claim does not prove the claim; "
         "a bound above it shows that the code leaks more than its accounting says.</p>\n"
-        + _table(head, [row])
+        # One row per figure: the auditor reads it on one screen, without scrolling.
+        + _table(["", "value"], [[name, value] for name, value in zip(head, row, strict=True)])
         + f"<p>The ledgers' epsilon_total (recomputed): {ledgers or 'none verified'}.</p>"
     )
 

@@ -18,7 +18,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 
 from server.app import secure_fit_workflow
 from server.secagg import PacedSecAggPlusWorkflow, StagePacing
-from tests.test_secagg import SITES, simulate_secagg
+from tests.test_secagg import RUN_CONFIG, SITES, simulate_secagg
 
 FIT_SECONDS = 12.0
 SHAPE = (8,)
@@ -74,16 +74,7 @@ def test_pacing_rule() -> None:
 
 
 def test_run_config_builds_the_paced_workflow() -> None:
-    workflow = secure_fit_workflow(
-        {
-            "secure-aggregation": True,
-            "secagg-num-shares": 3,
-            "secagg-reconstruction-threshold": 2,
-            "secagg-timeout": 60.0,
-            "secagg-timeout-limit": 900.0,
-            "secagg-timeout-factor": 3.0,
-        }
-    )
+    workflow = secure_fit_workflow(RUN_CONFIG)
     assert isinstance(workflow, PacedSecAggPlusWorkflow)
     assert workflow.pacing == StagePacing(floor_s=60.0, limit_s=900.0, factor=3.0)
 
