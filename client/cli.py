@@ -19,7 +19,7 @@ from rich.table import Table
 from common.cli import exit_codes
 from common.config import SiteConfig, render_site_config
 from common.data.manifest import load_site
-from common.errors import BusfedError, UsageError, ValidationFailed
+from common.errors import BusfedError, UsageError, ValidationFailed, validation_problems
 from common.keys import create_node_keys, create_signing_key, signing_key_paths
 
 site_app = typer.Typer(help="Commands a hospital site runs.", no_args_is_help=True)
@@ -225,11 +225,8 @@ def _site_config(raw: dict[str, Any]) -> SiteConfig:
     try:
         return SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = dict.fromkeys(
-            # detector and classifier share one option: say it once
-            f"--{str(err['loc'][-1]).replace('_', '-')}: {err['msg']}"
-            for err in exc.errors()
-        )
+        # detector and classifier share one option: it is said once
+        problems = validation_problems(exc, name=lambda loc: f"--{str(loc[-1]).replace('_', '-')}")
         raise UsageError("invalid site settings:\n" + "\n".join(problems)) from exc
 
 

@@ -44,7 +44,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -59,6 +58,7 @@ from client import deid
 from common.data.manifest import BOX_COLUMNS, BOXES, MANIFEST, OPTIONAL_COLUMNS, ManifestRow
 from common.data.video import probe_video, read_video, write_video
 from common.errors import DataError, UsageError
+from common.files import atomic_path, write_atomic
 
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mov", ".mkv"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
@@ -376,10 +376,9 @@ def _process(plan: _Plan, out: Path, *, key_frames: bool, boxes_name: str) -> di
     video = f"videos/{plan.key[:24]}.mp4"
     target = out / video
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp")
     # The mp4 muxer is chosen explicitly, so the temporary name's suffix does not matter.
-    write_video(tmp, _even(masked), fps=fps)
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        write_video(tmp, _even(masked), fps=fps)
     return {
         "video": video,
         "boxes": [list(b) for b in boxes],
@@ -429,19 +428,14 @@ def _load_state(out: Path) -> dict[str, Any]:
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
     """Write atomically: an interrupted run resumes from the last file it finished."""
-    path = out / STATE_FILE
-    tmp = path.with_name(f"{path.name}.tmp")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    write_atomic(out / STATE_FILE, json.dumps(state, indent=1, sort_keys=True))
 
 
 def _write_csv(path: Path, header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle, lineterminator="\n")
         writer.writerow(header)
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------ the run

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 
 import numpy as np
 from flwr.common import NDArrays, Scalar
+
+from common.files import atomic_path
 
 SENT_DIR = "sent"
 
@@ -75,7 +76,6 @@ class SentUpdates:
         folder = self._folder(campaign)
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         final = self.path(campaign, server_round)
-        tmp = final.with_suffix(".tmp.npz")
         meta = {
             "global_model": global_model,
             "num_examples": update.num_examples,
@@ -83,12 +83,8 @@ class SentUpdates:
         }
         arrays: dict[str, Any] = {f"w{i:05d}": w for i, w in enumerate(update.weights)}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        with tmp.open("wb") as f:
+        with atomic_path(final, mode=0o600, sync=True) as tmp, tmp.open("wb") as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, final)
         for old in folder.glob("round-*.npz"):
             if old != final:
                 old.unlink(missing_ok=True)

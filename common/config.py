@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.errors import ConfigError
+from common.errors import ConfigError, validation_problems
 
 # The networks a site may train, each with its own [privacy.<name>] section.
 NETWORKS = ("detector", "classifier", "keyframe")
@@ -125,9 +125,7 @@ def load_site_config(path: Path) -> SiteConfig:
     try:
         config = SiteConfig.model_validate(raw)
     except ValidationError as exc:
-        lines = [
-            f"{path}: [{'.'.join(str(p) for p in err['loc'])}] {err['msg']}" for err in exc.errors()
-        ]
+        lines = [f"{path}: {problem}" for problem in validation_problems(exc, whole="file")]
         raise ConfigError("invalid site config:\n" + "\n".join(lines)) from exc
     base = path.parent
     site = config.site.model_copy(

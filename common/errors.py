@@ -6,6 +6,12 @@ on that error. ``EXIT_CODES`` is the table the README and ``busfed --help`` show
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 EXIT_CODES: dict[int, str] = {
     0: "success",
     1: "a check failed (validation found bad rows, a verification failed)",
@@ -57,3 +63,22 @@ class FederationError(BusfedError):
 
 class TrackingError(BusfedError):
     exit_code = 6
+
+
+def validation_problems(
+    exc: ValidationError,
+    *,
+    whole: str = "entry",
+    name: Callable[[tuple[str | int, ...]], str] | None = None,
+) -> list[str]:
+    """Each problem pydantic found, once, as ``field: message``.
+
+    ``name`` turns an error's location into what the user knows it as (a CLI option, a CSV
+    column); by default the dotted path, or ``whole`` when the error is about the whole
+    object.
+    """
+    problems: dict[str, None] = {}
+    for err in exc.errors(include_url=False):
+        where = name(err["loc"]) if name else ".".join(map(str, err["loc"])) or whole
+        problems[f"{where}: {err['msg'].removeprefix('Value error, ')}"] = None
+    return list(problems)

@@ -41,7 +41,13 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from common.errors import ConfigError, FederationError, TrackingError, UsageError
+from common.errors import (
+    ConfigError,
+    FederationError,
+    TrackingError,
+    UsageError,
+    validation_problems,
+)
 from deploy.launcher import (
     APP_DIR,
     PROFILE,
@@ -204,9 +210,7 @@ class Consortium:
         try:
             settings = ConsortiumFile.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in exc.errors()
-            )
+            problems = "; ".join(validation_problems(exc, whole="file"))
             raise ConfigError(f"{path}: {problems}") from exc
 
         def at(p: Path) -> Path:
@@ -346,9 +350,8 @@ def init_consortium(
             "registered_model": "--registered-model",
             "name": "--name",
         }
-        problems = dict.fromkeys(
-            f"{options.get(str(err['loc'][-1]), '.'.join(map(str, err['loc'])))}: {err['msg']}"
-            for err in exc.errors()
+        problems = validation_problems(
+            exc, name=lambda loc: options.get(str(loc[-1]), ".".join(map(str, loc)))
         )
         raise UsageError("invalid consortium settings:\n" + "\n".join(problems)) from exc
     directory.mkdir(parents=True, exist_ok=True)
@@ -469,9 +472,7 @@ def read_jsonl(path: Path, model: type[_Line]) -> list[_Line]:
         try:
             records.append(model.model_validate_json(line))
         except ValidationError as exc:
-            problem = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'line'}: {e['msg']}" for e in exc.errors()
-            )
+            problem = "; ".join(validation_problems(exc, whole="line"))
             raise ConfigError(f"{path}, line {number}: {problem}") from exc
     return records
 

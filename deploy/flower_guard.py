@@ -35,6 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common.files import write_atomic
 from common.flower_compat import (
     SUPERLINK_BUSY_TIMEOUT_S,
     TRANSIENT_ERROR_WINDOW_S,
@@ -148,11 +149,9 @@ class LoopWatch:
     def write_state(self) -> None:
         if self.state_file is None:
             return
-        tmp = self.state_file.with_suffix(".tmp")
         # A full disk must not stop the watch itself: the state file just goes stale.
         with contextlib.suppress(OSError):
-            tmp.write_text(json.dumps(self.snapshot()))
-            tmp.replace(self.state_file)
+            write_atomic(self.state_file, json.dumps(self.snapshot()))
 
 
 def sd_notify(message: str) -> None:

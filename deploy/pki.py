@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from common.errors import ConfigError, UsageError
+from common.files import atomic_path
 
 # Site key pairs are made by the site itself (`busfed site init`), so they live in common/.
 from common.keys import NodeKeys, create_node_keys, write_private_key
@@ -250,13 +250,11 @@ def _pkcs8(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _replace(path: Path, data: bytes, *, private: bool) -> None:
     """Write beside ``path`` then rename over it: a reader sees the old or the new file."""
-    tmp = path.with_name(f".{path.name}.new")
-    tmp.unlink(missing_ok=True)
-    if private:
-        write_private_key(tmp, data, replace=False)
-    else:
-        tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        if private:
+            write_private_key(tmp, data, replace=False)
+        else:
+            tmp.write_bytes(data)
 
 
 def _sans(hosts: list[str]) -> list[x509.GeneralName]:

@@ -39,7 +39,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 from pydantic import ValidationError
 
-from common.errors import ConfigError, UsageError
+from common.errors import ConfigError, UsageError, validation_problems
 from common.keys import load_verify_key, signing_key_paths
 from common.privacy.empirical import EmpiricalAudit
 from common.privacy.ledger import (
@@ -317,9 +317,7 @@ def _parse(line: bytes) -> tuple[dict[str, Any], LedgerEntry]:
     try:
         entry = LedgerEntry.model_validate(fields)
     except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'entry'}: {e['msg']}" for e in exc.errors()
-        )
+        errors = "; ".join(validation_problems(exc))
         raise _Bad(f"not a ledger entry: {errors}") from exc
     if canonical_json(fields) != line:
         raise _Bad("not canonical JSON (sorted keys, no spaces, UTF-8)")

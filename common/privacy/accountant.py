@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +17,7 @@ from absl import logging as absl_logging
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.errors import DataError, PrivacyError
+from common.files import write_atomic
 
 AccountantKind = Literal["rdp", "prv"]
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
@@ -78,10 +78,7 @@ class SiteAccountant:
 
     def save(self, path: Path) -> None:
         """Write ``state_dict`` as JSON atomically (a reader never sees half a file)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(self.state_dict(), indent=2))
-        os.replace(tmp, path)
+        write_atomic(Path(path), json.dumps(self.state_dict(), indent=2))
 
     @classmethod
     def load(cls, path: Path) -> SiteAccountant:

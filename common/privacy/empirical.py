@@ -27,7 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from scipy.stats import binom
 
-from common.errors import PrivacyError, UsageError
+from common.errors import PrivacyError, UsageError, validation_problems
 from common.privacy.ledger import NoiseSource
 
 # The paper's binary search: 30 halvings after the bracket is found.
@@ -171,7 +171,5 @@ def load_empirical(path: Path) -> EmpiricalAudit:
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc}") from exc
     except ValidationError as exc:
-        errors = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']}" for e in exc.errors()
-        )
+        errors = "; ".join(validation_problems(exc, whole="file"))
         raise UsageError(f"{path}: not an empirical audit result: {errors}") from exc

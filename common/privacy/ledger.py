@@ -42,7 +42,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.errors import DataError, PrivacyError
+from common.errors import DataError, PrivacyError, validation_problems
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 # The fit metric that carries a round's entries (a JSON list) from the site to the server.
@@ -324,6 +324,4 @@ def _line_start(fd: int, end: int) -> int:
 
 
 def _describe(exc: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in err['loc']) or 'entry'}: {err['msg']}" for err in exc.errors()
-    )
+    return "; ".join(validation_problems(exc))
