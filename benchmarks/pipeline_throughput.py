@@ -38,7 +38,7 @@ from rich.table import Table
 from timing import STATISTICS, time_in_turn
 
 from common.data.synth import render_sweep, sample_lesion, vendor_preset
-from common.data.units import detector_samples
+from common.geometry import detector_samples
 from common.models.bundle import ModelBundle, build_bundle
 from common.pipeline.clip import crop_clips, plan_clips
 from common.pipeline.config import PipelineConfig

@@ -77,7 +77,8 @@ def evaluate_key_frames(
     DataError
         ``wauve_scores`` is unreadable or lacks the ``video`` or ``score`` column.
     """
-    from common.data.keyframes import key_frame, read_roi_video
+    from common.data.keyframes import read_roi_video
+    from common.geometry import key_frame
     from common.pipeline.keyframe import roi_probabilities
     from common.pipeline.preprocess import preprocess_frames
 

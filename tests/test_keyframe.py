@@ -43,19 +43,16 @@ from common.config import (
 from common.data.keyframes import (
     KeyFrameUnit,
     build_keyframe_units,
-    crop_frames,
     direction_difference,
-    key_frame,
     mode_scores,
     orthogonal_partner,
     read_sweep_directions,
-    roi_frames,
 )
 from common.data.manifest import load_site
 from common.data.synth import generate_site
-from common.data.units import crop_clip
 from common.data.video import read_video
 from common.errors import ConfigError, DataError, TrackingError, UsageError
+from common.geometry import crop_clip, crop_frames, key_frame, roi_frames
 from common.keys import create_signing_key
 from common.models.bundle import (
     KeyFrameBundle,

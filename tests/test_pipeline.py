@@ -13,9 +13,10 @@ from torch import nn
 
 from common.data.manifest import load_site
 from common.data.synth import birads_category, generate_site
-from common.data.units import build_units, consecutive_windows
+from common.data.units import build_units
 from common.data.video import read_video
 from common.errors import UsageError
+from common.geometry import consecutive_windows
 from common.models.bundle import build_bundle
 from common.models.presets import get_preset
 from common.pipeline.classify import classify_clips

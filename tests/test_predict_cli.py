@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from common.data.manifest import load_site
 from common.data.synth import generate_site
-from common.data.units import consecutive_windows
 from common.data.video import read_video
+from common.geometry import consecutive_windows
 from common.models.bundle import build_bundle
 from deploy.predict_cli import predict_app
 from server.tracking import Tracker, model_card

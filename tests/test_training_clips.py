@@ -19,9 +19,10 @@ from common.config import (
     load_site_config,
     render_site_config,
 )
-from common.data.units import build_units, crop_clip
+from common.data.units import build_units
 from common.data.video import read_video, write_video
 from common.errors import ConfigError, UsageError
+from common.geometry import crop_clip
 from common.models.presets import get_preset
 from common.pipeline.config import PipelineConfig, PreprocessConfig
 from common.pipeline.preprocess import preprocess_frames

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from common.data.units import build_units, consecutive_windows
+from common.data.units import build_units
 from common.data.video import write_video
+from common.geometry import consecutive_windows
 from common.models.presets import get_preset
 
 TINY = get_preset("tiny")

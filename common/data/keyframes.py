@@ -1,4 +1,4 @@
-"""Key frames for the 2D comparator: which frames of a sweep, their lesion crops, per patient.
+"""Key frames for the 2D comparator: its three readings of a sweep, and its per-patient units.
 
 The WAUVE paper compares its video model with a 2D ResNet-50 read three ways:
 
@@ -19,9 +19,10 @@ frame and only ROI frame. A still image without a box (key-frame archives, BUSI,
 have none) is read whole: the radiologist chose the frame, and the image is the ROI. A
 sweep without a box has no key frame (nothing says which frame, or where, to read).
 
-Crops around a box use the clip crop's margin (``common.data.units.clip_region`` via
-``crop_clip``, per frame with its own box); a whole still image is resized. Either way the
-crop is square, the preset's ``keyframe.image_size``.
+Which frames, and their crops, come from ``common.geometry`` (``key_frame``, ``roi_frames``,
+``crop_frames``), as at inference: a crop around a box uses the clip crop's margin, per
+frame with its own box; a whole still image is resized. Either way the crop is square, the
+preset's ``keyframe.image_size``.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from common.data.manifest import Problem
-from common.data.units import SPLITS, Box, crop_clip
+from common.data.units import SPLITS
 from common.data.video import probe_video, read_video
 from common.errors import DataError, UsageError
+from common.geometry import crop_frames, key_frame
 from common.models.presets import Preset
 
 if TYPE_CHECKING:
@@ -53,29 +54,7 @@ SWEEPS_FILE = "lesions.csv"
 DIRECTION_COLUMN = "sweep_direction_deg"
 
 
-# ------------------------------------------------------------------ which frames
-
-
-def key_frame(boxes: Mapping[int, Box], n_frames: int) -> int | None:
-    """The annotated frame with the largest box area (earliest on a tie).
-
-    A still image (``n_frames == 1``) without a box is its own key frame (0); a sweep
-    without a box has none (None). Boxes past the last frame are ignored.
-    """
-    inside = [f for f in boxes if f < n_frames]
-    if inside:
-        return min(inside, key=lambda f: (-_area(boxes[f]), f))
-    return 0 if n_frames == 1 else None
-
-
-def roi_frames(boxes: Mapping[int, Box], n_frames: int) -> list[int]:
-    """Every annotated frame, in order; ``[0]`` for a still image without a box."""
-    inside = sorted(f for f in boxes if f < n_frames)
-    return inside if inside or n_frames != 1 else [0]
-
-
-def _area(box: Box) -> float:
-    return (box[2] - box[0]) * (box[3] - box[1])
+# ------------------------------------------------------------------ which partner
 
 
 def direction_difference(a: float, b: float) -> float:
@@ -217,31 +196,7 @@ def mode_scores(
     return result
 
 
-# ------------------------------------------------------------------ crops and units
-
-
-def crop_frames(
-    frames: np.ndarray, picked: Sequence[int], boxes: Mapping[int, Box], size: int
-) -> Tensor:
-    """Lesion crops of the picked frames, each around its own box with the clip margin.
-
-    A picked frame without a box (a still image archived without one) is taken whole,
-    resized to ``size`` x ``size`` (bilinear, antialiased). Frames are ``uint8 [T, H, W]``;
-    returns FloatTensor[K, 3, size, size] in [0, 1], the grayscale crop broadcast to 3
-    channels (a view: copy before writing in place).
-    """
-    if not picked:
-        return torch.zeros(0, 3, size, size)
-    crops = torch.cat([_crop(frames, f, boxes.get(f), size) for f in picked])
-    return crops.expand(-1, 3, -1, -1)
-
-
-def _crop(frames: np.ndarray, f: int, box: Box | None, size: int) -> Tensor:
-    """FloatTensor[1, 1, size, size]: the crop around ``box``, or the whole frame."""
-    if box is not None:
-        return crop_clip(frames, [f], [box], size)
-    frame = torch.from_numpy(frames[f : f + 1]).unsqueeze(1).float().div_(255)
-    return F.interpolate(frame, size=(size, size), mode="bilinear", antialias=True).clamp_(0, 1)
+# ------------------------------------------------------------------ units
 
 
 def read_roi_video(site: SiteData, row: ManifestRow) -> np.ndarray | None:

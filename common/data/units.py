@@ -3,7 +3,8 @@
 The privacy unit is the patient: DP-SGD samples, clips and noises whole units, so
 everything here is grouped into one ``DetectorUnit`` and one ``ClassifierUnit`` per patient.
 
-Two options bring training closer to inference (``common.pipeline.run.run_pipeline``):
+Frames, windows and crops are cut by ``common.geometry``, as at inference. Two options
+bring training closer to inference still (``common.pipeline.run.run_pipeline``):
 ``preprocess`` applies the pipeline's optional preprocess stage to every frame before
 anything is cut, and ``detector_clips`` with ``detector_track_fraction`` mixes clips of the
 tracks a detector finds into the classifier's ground-truth clips.
@@ -12,19 +13,25 @@ tracks a detector finds into the classifier's ground-truth clips.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import roi_align
 
 from common.data.manifest import Problem
 from common.data.video import read_video
 from common.errors import DataError, UsageError
+from common.geometry import (
+    ClipWindows,
+    Window,
+    boxed_frames,
+    consecutive_windows,
+    crop_clip,
+    detector_samples,
+)
 from common.models.presets import Preset
 from common.pipeline.config import PreprocessConfig
 from common.pipeline.preprocess import preprocess_frames
@@ -33,16 +40,6 @@ if TYPE_CHECKING:
     from common.data.manifest import ManifestRow, SiteData
 
 SPLITS = ("train", "val", "test")
-# Context around the lesion in a classifier crop: this fraction of the box's longer side
-# is added on each side before the crop is made square.
-CLIP_MARGIN = 0.15
-
-Box = tuple[float, float, float, float]
-# A clip window: clip_len consecutive frame indices and the lesion's box in each.
-_Window = tuple[Sequence[int], Sequence[Box]]
-# Given a video's frames (uint8 [T, H, W]), the clip windows of a detector's tracks, as
-# ``common.pipeline.run.detector_clip_windows`` makes them.
-ClipWindows = Callable[[np.ndarray], Sequence[_Window]]
 
 
 @dataclass
@@ -144,8 +141,8 @@ def build_units(
     SiteUnits
         One detector and one classifier unit per patient of the split. Classifier clips
         are runs of ``clip_len`` consecutive boxed frames cropped around the union of
-        their boxes (plus ``CLIP_MARGIN``, made square); a run's remainder and runs
-        shorter than ``clip_len`` are dropped, as in the WAUVE paper.
+        their boxes (``common.geometry.crop_clip``); a run's remainder and runs shorter
+        than ``clip_len`` are dropped, as in the WAUVE paper.
 
         A video that fails to decode (or whose boxes are empty once resized) is skipped
         and listed in ``skipped``, never fatal: a damaged file must not stop a site's
@@ -194,8 +191,8 @@ def build_units(
                 continue
             det.images += images
             det.targets += targets
-            boxed = [f for f in sorted(boxes) if f < len(frames)]
-            windows: list[_Window] = [
+            boxed = boxed_frames(boxes, len(frames))
+            windows: list[Window] = [
                 (window, [boxes[f] for f in window])
                 for window in consecutive_windows(boxed, cfg.clip_len)
             ]
@@ -222,8 +219,8 @@ def build_units(
 
 
 def mix_windows(
-    ground_truth: Sequence[_Window], detected: Sequence[_Window], *, fraction: float
-) -> list[_Window]:
+    ground_truth: Sequence[Window], detected: Sequence[Window], *, fraction: float
+) -> list[Window]:
     """The share ``1 - fraction`` of ``ground_truth`` then ``fraction`` of ``detected``.
 
     Each share is evenly spaced over its list (so it covers the whole sweep, not its
@@ -239,28 +236,10 @@ def mix_windows(
     return [*_evenly_spaced(ground_truth, n_ground_truth), *_evenly_spaced(detected, n_detected)]
 
 
-def _evenly_spaced(items: Sequence[_Window], count: int) -> list[_Window]:
+def _evenly_spaced(items: Sequence[Window], count: int) -> list[Window]:
     if count <= 0:
         return []
     return [items[i] for i in np.linspace(0, len(items) - 1, count).round().astype(int)]
-
-
-def consecutive_windows(frames: Iterable[int], length: int) -> list[list[int]]:
-    """Split sorted frame indices into runs of consecutive frames, then into windows.
-
-    Each run gives ``len(run) // length`` back-to-back windows from its start; the
-    remainder, and runs shorter than ``length``, are dropped.
-
-    >>> consecutive_windows([0, 1, 2, 3, 4, 6, 7, 8, 9], 2)
-    [[0, 1], [2, 3], [6, 7], [8, 9]]
-    """
-    runs: list[list[int]] = []
-    for f in frames:
-        if runs and f == runs[-1][-1] + 1:
-            runs[-1].append(f)
-        else:
-            runs.append([f])
-    return [run[i : i + length] for run in runs for i in range(0, len(run) - length + 1, length)]
 
 
 def _detector_frames(n_frames: int, stride: int, cap: int) -> list[int]:
@@ -268,60 +247,3 @@ def _detector_frames(n_frames: int, stride: int, cap: int) -> list[int]:
     if len(strided) > cap:
         strided = strided[np.linspace(0, len(strided) - 1, cap).round().astype(int)]
     return strided.tolist()
-
-
-def detector_samples(
-    frames: np.ndarray, picked: Sequence[int], boxes: dict[int, Box], size: int, *, where: str
-) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
-    """Resize the picked frames to ``size`` x ``size`` and rescale their boxes.
-
-    Frames are ``uint8 [T, H, W]``; each picked frame becomes FloatTensor[3, size, size]
-    in [0, 1] (bilinear, antialiased), with a target as in ``DetectorUnit.targets``.
-    Inference resizes through this too, with no boxes, so both see the same pixels.
-    """
-    _, height, width = frames.shape
-    batch = torch.from_numpy(frames[picked]).unsqueeze(1).float().div_(255)
-    resized = F.interpolate(batch, size=(size, size), mode="bilinear", antialias=True)
-    resized = resized.clamp_(0, 1)
-    scale = torch.tensor([size / width, size / height, size / width, size / height])
-    images, targets = [], []
-    for image, f in zip(resized, picked, strict=True):
-        frame_boxes = [boxes[f]] if f in boxes else []
-        box = torch.tensor(frame_boxes, dtype=torch.float32).reshape(-1, 4) * scale
-        box = box.clamp(0, size)
-        if bool(((box[:, 2] <= box[:, 0]) | (box[:, 3] <= box[:, 1])).any()):
-            raise DataError(f"{where}: frame {f}: box {boxes[f]} is empty inside the frame")
-        images.append(image.expand(3, -1, -1))
-        targets.append({"boxes": box, "labels": torch.ones(len(box), dtype=torch.int64)})
-    return images, targets
-
-
-def clip_region(boxes: Sequence[Box]) -> Box:
-    """The square crop region of a clip: the boxes' union plus ``CLIP_MARGIN``, centred.
-
-    Boxes and region are x1y1x2y2 in video pixels; the region may reach outside the frame.
-    """
-    x1 = min(b[0] for b in boxes)
-    y1 = min(b[1] for b in boxes)
-    x2 = max(b[2] for b in boxes)
-    y2 = max(b[3] for b in boxes)
-    half = max(x2 - x1, y2 - y1) * (0.5 + CLIP_MARGIN)
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    return (cx - half, cy - half, cx + half, cy + half)
-
-
-def crop_clip(frames: np.ndarray, window: Sequence[int], boxes: Sequence[Box], size: int) -> Tensor:
-    """Crop one square region, ``clip_region(boxes)``, from every frame of a window.
-
-    Returns FloatTensor[1, T, size, size] in [0, 1]; parts of the crop outside the frame
-    are black.
-    """
-    region = torch.tensor(clip_region(boxes), dtype=torch.float32)
-    clip = torch.from_numpy(frames[list(window)]).unsqueeze(1).float().div_(255)
-    rois = torch.cat(
-        [torch.arange(len(window)).unsqueeze(1).float(), region.expand(len(window), 4)], 1
-    )
-    # roi_align averages several samples per output pixel (antialiasing) and reads zeros
-    # outside the frame.
-    crops = roi_align(clip, rois, output_size=size, aligned=True)
-    return crops.clamp_(0, 1).permute(1, 0, 2, 3)

@@ -1,6 +1,6 @@
 """Stage 3, clip: cut each track into consecutive ``clip_len``-frame clips and crop them.
 
-Windows and crops are those of training (``common.data.units``): back-to-back windows
+Windows and crops are those of training (``common.geometry``): back-to-back windows
 from a track's first frame, a track's remainder and tracks shorter than ``clip_len``
 dropped (as in the WAUVE paper), and one square crop per clip around the union of its
 boxes plus ``CLIP_MARGIN``, resized to ``clip_size`` by ``roi_align``.
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from common.data.units import clip_region, consecutive_windows, crop_clip
-from common.pipeline.track import Box, Track
+from common.geometry import Box, clip_region, consecutive_windows, crop_clip
+from common.pipeline.track import Track
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import torch
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
-from common.data.units import detector_samples
+from common.geometry import boxes_to_video, detector_samples
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ def detect_lesions(
     """Run the detector on every frame, ``batch_size`` frames per forward pass.
 
     Frames are resized to ``image_size`` x ``image_size`` by the same function that makes
-    the detector's training images (``common.data.units.detector_samples``), so the
+    the detector's training images (``common.geometry.detector_samples``), so the
     detector sees at inference the pixels it was trained on; boxes are mapped back to
     video pixels.
 
@@ -74,11 +74,6 @@ def detect_lesions(
     detector.eval()
     device = next(detector.parameters()).device
     n_frames, height, width = frames.shape
-    to_video = np.array(
-        [width / image_size, height / image_size, width / image_size, height / image_size],
-        dtype=np.float32,
-    )
-    limits = np.array([width, height, width, height], dtype=np.float32)
     found: list[FrameDetections] = []
     with _box_thresholds(
         detector.roi_heads, score=score_threshold, nms=nms_iou, keep=max_detections
@@ -87,10 +82,12 @@ def detect_lesions(
             picked = list(range(start, min(start + batch_size, n_frames)))
             images, _ = detector_samples(frames, picked, {}, image_size, where="inference")
             for output in detector([image.to(device) for image in images]):
-                boxes = output["boxes"].float().cpu().numpy() * to_video
+                boxes = output["boxes"].float().cpu().numpy()
                 found.append(
                     FrameDetections(
-                        boxes=np.clip(boxes, 0, limits).astype(np.float32),
+                        boxes=boxes_to_video(
+                            boxes, image_size=image_size, height=height, width=width
+                        ),
                         scores=output["scores"].float().cpu().numpy(),
                     )
                 )

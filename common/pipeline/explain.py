@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from common.geometry import Box
 from common.pipeline.config import CamMode
-from common.pipeline.track import Box
 
 
 def activation_volume(features: Tensor, fc: nn.Linear) -> Tensor:

@@ -2,7 +2,7 @@
 
 The key-frame model reads lesion ROIs as annotated (there is no detector in its bundle),
 so every probability comes from a ground-truth box, or from a whole still image that was
-archived without one (``common.data.keyframes.roi_frames``). ``common.data.keyframes.mode_scores``
+archived without one (``common.geometry.roi_frames``). ``common.data.keyframes.mode_scores``
 turns them into the paper's three readings (one key frame, two orthogonal key frames, all
 ROI frames).
 """
@@ -13,8 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from common.data.keyframes import crop_frames, roi_frames
-from common.data.units import Box
+from common.geometry import Box, crop_frames, roi_frames
 from common.models.keyframe import KeyFrameResNet
 from common.pipeline.classify import classify_clips
 

@@ -19,9 +19,9 @@ import numpy as np
 from matplotlib.colors import Normalize
 from PIL import Image, ImageDraw, ImageFont
 
+from common.geometry import Box
 from common.pipeline.explain import project_cam
 from common.pipeline.run import ClipResult, VideoResult
-from common.pipeline.track import Box
 
 COLORMAP = matplotlib.colormaps["coolwarm"]
 TRACK_ONLY = (255, 210, 0)  # a tracked frame that is in no clip (short track or tail)

@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import numpy as np
 from torchvision.models.detection import FasterRCNN
 
-from common.data.units import ClipWindows
 from common.errors import UsageError
+from common.geometry import Box, ClipWindows
 from common.models.bundle import WauveBundle
 from common.pipeline.classify import classify_clips
 from common.pipeline.clip import ClipPlan, crop_clips, plan_clips
@@ -20,7 +20,7 @@ from common.pipeline.detect import detect_lesions
 from common.pipeline.explain import clip_cams
 from common.pipeline.preprocess import preprocess_frames
 from common.pipeline.score import score_video
-from common.pipeline.track import Box, Track, gt_tracks, link_tracks
+from common.pipeline.track import Track, gt_tracks, link_tracks
 
 
 @dataclass(frozen=True)

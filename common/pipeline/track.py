@@ -20,9 +20,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torchvision.ops import box_iou
 
+from common.geometry import Box, boxed_frames, consecutive_runs
 from common.pipeline.detect import FrameDetections
-
-Box = tuple[float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -140,16 +139,11 @@ def gt_tracks(boxes: Mapping[int, Box], *, n_frames: int) -> list[Track]:
     n_frames : int
         Frames in the video.
     """
-    tracks: list[Track] = []
-    run: dict[int, Box] = {}
-    for f in sorted(f for f in boxes if f < n_frames):
-        if run and f - 1 not in run:
-            tracks.append(Track(len(tracks), run, dict.fromkeys(run, 1.0)))
-            run = {}
-        run[f] = _box(boxes[f])
-    if run:
-        tracks.append(Track(len(tracks), run, dict.fromkeys(run, 1.0)))
-    return tracks
+    runs = consecutive_runs(boxed_frames(boxes, n_frames))
+    return [
+        Track(i, {f: _box(boxes[f]) for f in run}, dict.fromkeys(run, 1.0))
+        for i, run in enumerate(runs)
+    ]
 
 
 def _box(values: Sequence[float] | np.ndarray) -> Box:
