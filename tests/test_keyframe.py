@@ -52,7 +52,6 @@ from common.data.keyframes import (
     roi_frames,
 )
 from common.data.manifest import load_site
-from common.data.synth import generate_site
 from common.data.units import crop_clip
 from common.data.video import read_video
 from common.errors import ConfigError, DataError, TrackingError, UsageError
@@ -71,6 +70,7 @@ from common.models.presets import get_preset
 from common.privacy.ledger import LEDGER_FILE
 from deploy.metrics_cli import metrics_app
 from deploy.predict_cli import load_model, predict_app
+from deploy.synth import generate_site
 from server.app import INITIAL_SEED, chosen_model
 from server.strategy import TrackedFedAvg
 from server.tracking import Tracker, model_card
