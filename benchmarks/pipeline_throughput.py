@@ -37,7 +37,6 @@ from rich.console import Console
 from rich.table import Table
 from timing import STATISTICS, time_in_turn
 
-from common.data.synth import render_sweep, sample_lesion, vendor_preset
 from common.geometry import detector_samples
 from common.models.bundle import ModelBundle, build_bundle
 from common.pipeline.clip import crop_clips, plan_clips
@@ -45,6 +44,7 @@ from common.pipeline.config import PipelineConfig
 from common.pipeline.detect import detect_lesions
 from common.pipeline.run import VideoResult, run_pipeline
 from common.pipeline.track import link_tracks
+from deploy.synth import render_sweep, sample_lesion, vendor_preset
 
 
 def _sweep(frames: int, size: int) -> np.ndarray:

@@ -10,7 +10,7 @@ Run from the repository root::
 
 Stages:
 
-1. generate a held-out synthetic site (``common.data.synth.generate_site``);
+1. generate a held-out synthetic site (``deploy.synth.generate_site``);
 2. get a model: ``--model DIR`` loads a model version folder (``weights.pt`` +
    ``model.json``); without it a tiny-preset bundle is trained here with the site training
    code (``client.train.train_detector`` and ``train_classifier``) on a generated training
@@ -46,7 +46,6 @@ from rich.table import Table
 
 from client.train import DPParams, train_classifier, train_detector
 from common.data.manifest import load_site
-from common.data.synth import generate_site
 from common.data.units import SPLITS, SiteUnits, build_units
 from common.data.video import read_video
 from common.metrics import auc_ci, delong_test
@@ -55,6 +54,7 @@ from common.models.presets import get_preset
 from common.pipeline.config import PipelineConfig, PreprocessConfig
 from common.pipeline.run import run_pipeline
 from common.privacy.accountant import SiteAccountant
+from deploy.synth import generate_site
 
 FALLBACK_SCORE = 0.0  # no lesion tracked: nothing suspicious found
 DELTA = 1e-5

@@ -52,12 +52,12 @@ from rich.table import Table
 
 from client.train import DPParams, train_classifier, train_detector
 from common.data.manifest import load_site
-from common.data.synth import generate_site
 from common.data.units import SPLITS, ClassifierUnit, build_units
 from common.metrics import AucCI, auc_ci
 from common.models.bundle import build_bundle, get_weights, set_weights
 from common.models.presets import get_preset
 from common.privacy.accountant import SiteAccountant
+from deploy.synth import generate_site
 
 # The demo's data and site settings (deploy.demo.DemoSettings, demo_site_config).
 VENDORS = ("vendor-a", "vendor-b", "vendor-c")

@@ -19,7 +19,7 @@ from deploy.empirical_cli import EMPIRICAL_HELP, empirical_command
 from deploy.federation_cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
-from deploy.synth_sheet import sheet_command
+from deploy.synth.sheet import sheet_command
 from server.audit_cli import audit_app
 
 console = Console()
@@ -64,7 +64,7 @@ def synth(
     ] = 0,
 ) -> None:
     """Write a synthetic hospital: MP4 sweeps, manifest.csv and per-frame lesion boxes."""
-    from common.data.synth import generate_site
+    from deploy.synth import generate_site
 
     with Progress(
         TextColumn("[bold]synthesising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

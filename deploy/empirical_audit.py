@@ -41,13 +41,13 @@ from client.dp import SECURE_NOISE, DPParams
 from client.train import train_keyframe
 from common.data.keyframes import KeyFrameUnit, build_keyframe_units
 from common.data.manifest import load_site
-from common.data.synth import generate_site
 from common.data.units import SPLITS
 from common.errors import DataError, PrivacyError, UsageError
 from common.models.bundle import build_bundle
 from common.models.presets import get_preset
 from common.privacy.accountant import AccountantKind, SiteAccountant
 from common.privacy.empirical import EmpiricalAudit, epsilon_lower_bound, guesses_per_side
+from deploy.synth import generate_site
 
 PRESET = "tiny"  # the rehearsal runs on CPU; the mechanism does not depend on the size
 # Small, so that the model stays where its initial gradient directions hold and the

@@ -14,9 +14,9 @@ from client.deid import (
     mask_text,
     pseudonymise,
 )
-from common.data.synth import VENDORS, generate_site
 from common.data.video import read_video
 from common.errors import UsageError
+from deploy.synth import VENDORS, generate_site
 
 
 @pytest.fixture(scope="module")

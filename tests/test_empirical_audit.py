@@ -19,7 +19,6 @@ from hypothesis import strategies as st
 from scipy.stats import binom
 from typer.testing import CliRunner
 
-from common.data.synth import generate_site
 from common.privacy.accountant import SiteAccountant
 from common.privacy.empirical import (
     EmpiricalAudit,
@@ -30,6 +29,7 @@ from common.privacy.empirical import (
 )
 from deploy.cli import app
 from deploy.empirical_cli import _privacy_values
+from deploy.synth import generate_site
 from server.audit_cli import audit_app
 from tests.test_ledger import make_site, simulate
 

@@ -1,7 +1,7 @@
 """End to end: a federation rides out a site's network cut and another site's damaged data.
 
 Real SuperLink and SuperNodes on 127.0.0.1 (TLS, node auth, SecAgg+). One site reaches the
-SuperLink through ``deploy.netproxy.TcpRelay``; TLS passes through it untouched.
+SuperLink through ``tests.netproxy.TcpRelay``; TLS passes through it untouched.
 
 How Flower 1.41 behaves, from its source: a SuperNode heartbeats every 17.5-22.5 s
 (``HEARTBEAT_DEFAULT_INTERVAL`` 30 s less the 5 s call timeout, times 0.7-0.9), and the
@@ -31,9 +31,9 @@ from deploy.demo import (
     wait_online,
 )
 from deploy.launcher import HOST, LocalFederation, ManagedProcess
-from deploy.netproxy import TcpRelay
 from deploy.pki import create_consortium_pki
 from tests.faults import damage_site
+from tests.netproxy import TcpRelay
 
 pytestmark = pytest.mark.e2e
 

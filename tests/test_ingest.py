@@ -18,9 +18,9 @@ from client.cli import site_app
 from client.deid import DARK_LEVEL, pseudonymise
 from client.ingest import STATE_FILE, IngestReport, ingest
 from common.data.manifest import load_site
-from common.data.synth import VENDORS, generate_site
 from common.data.video import probe_video, read_video
 from common.errors import UsageError
+from deploy.synth import VENDORS, generate_site
 
 SECRET = b"site-secret-0123456789abcdef"
 HEADER_ROWS = VENDORS["vendor-b"].header_rows(64)

@@ -49,7 +49,6 @@ from common.data.keyframes import (
     read_sweep_directions,
 )
 from common.data.manifest import load_site
-from common.data.synth import generate_site
 from common.data.video import read_video
 from common.errors import ConfigError, DataError, TrackingError, UsageError
 from common.geometry import crop_clip, crop_frames, key_frame, roi_frames
@@ -68,6 +67,7 @@ from common.models.presets import get_preset
 from common.privacy.ledger import LEDGER_FILE
 from deploy.metrics_cli import metrics_app
 from deploy.predict_cli import load_model, predict_app
+from deploy.synth import generate_site
 from server.app import INITIAL_SEED, chosen_model
 from server.strategy import TrackedFedAvg
 from server.tracking import Tracker, model_card

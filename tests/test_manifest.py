@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from client.cli import site_app
 from common.data.manifest import Problem, Split, load_site
-from common.data.synth import generate_site
 from common.errors import DataError
+from deploy.synth import generate_site
 
 SIZE, FRAMES = 64, 16
 

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from deploy.netproxy import HOST, TcpRelay
+from tests.netproxy import HOST, TcpRelay
 
 
 @pytest.fixture

@@ -11,11 +11,11 @@ import torch
 from typer.testing import CliRunner
 
 from common.data.manifest import load_site
-from common.data.synth import generate_site
 from common.data.video import read_video
 from common.geometry import consecutive_windows
 from common.models.bundle import build_bundle
 from deploy.predict_cli import predict_app
+from deploy.synth import generate_site
 from server.tracking import Tracker, model_card
 
 runner = CliRunner()

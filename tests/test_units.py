@@ -97,7 +97,7 @@ def test_split_selects_patients(site):
 
 
 def test_synthetic_site(tmp_path):
-    synth = pytest.importorskip("common.data.synth", reason="common.data.synth not written yet")
+    synth = pytest.importorskip("deploy.synth", reason="deploy.synth not written yet")
     manifest = pytest.importorskip(
         "common.data.manifest", reason="common.data.manifest not written yet"
     )

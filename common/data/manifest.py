@@ -8,17 +8,18 @@ A site folder holds
   index and pixel coordinates (pixel edges, so ``0 <= x1 < x2 <= width``);
 - the videos, at the paths the manifest gives relative to the folder.
 
-``load_site`` validates once, at the edge, with pydantic, and returns plain objects. It never
-stops on a bad row: each one is skipped and recorded as a ``Problem`` naming the file, the
-1-based line (the header is line 1) and the field. Only a file that cannot be read as a
-table at all raises ``DataError``.
+``load_site`` validates once, at the edge, with pydantic, and returns plain objects. It
+never stops on a bad row: each one is skipped and recorded as a ``Problem`` naming the
+file, the 1-based line (the header is line 1) and the field. Only a file that cannot be
+read as a table at all raises ``DataError``. ``write_manifest`` writes the two tables, for
+the synthetic generator and ``busfed site ingest`` alike.
 """
 
 from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -28,13 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.data.video import VideoInfo, probe_video
 from common.errors import DataError
+from common.files import atomic_path
 
 MANIFEST = "manifest.csv"
 BOXES = "boxes.csv"
 REQUIRED_COLUMNS = ("video", "patient_id", "label", "split")
 OPTIONAL_COLUMNS = ("birads", "age", "lesion_size_mm", "vendor")
+MANIFEST_COLUMNS = ("video", "patient_id", "label", *OPTIONAL_COLUMNS, "split")  # as written
 BOX_COLUMNS = ("video", "frame", "x1", "y1", "x2", "y2")
 BIRADS_CATEGORIES = ("0", "1", "2", "3", "4", "4A", "4B", "4C", "5", "6")
+NORMAL_BIRADS = "1"  # negative: a sweep or image of normal tissue, labelled benign
 
 Split = Literal["train", "val", "test"]
 Box = tuple[float, float, float, float]
@@ -161,6 +165,37 @@ class SiteData:
     def path(self, row: ManifestRow) -> Path:
         """The video file of ``row``."""
         return self.root / row.video
+
+
+def write_manifest(
+    root: Path, rows: Iterable[Sequence[object]], boxes: Iterable[Sequence[object]]
+) -> None:
+    """Write a site folder's ``manifest.csv`` and ``boxes.csv`` (see ``write_csv``).
+
+    Parameters
+    ----------
+    root : Path
+        The site folder (it exists).
+    rows : iterable of sequences
+        One per video, values in ``MANIFEST_COLUMNS`` order; None or ``""`` for a missing
+        optional value.
+    boxes : iterable of sequences
+        One per box, values in ``BOX_COLUMNS`` order.
+    """
+    write_csv(root / MANIFEST, MANIFEST_COLUMNS, rows)
+    write_csv(root / BOXES, BOX_COLUMNS, boxes)
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Iterable[Sequence[object]]) -> None:
+    """Write a table atomically: UTF-8, ``\\n`` line ends, quoting only where needed.
+
+    Values are written as ``str`` gives them (None as an empty cell), so callers format
+    numbers the way they want them read back.
+    """
+    with atomic_path(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows(rows)
 
 
 def load_site(root: Path, *, check_videos: bool = True) -> SiteData:

@@ -18,8 +18,9 @@ class BiradsThresholds:
 
     Defaults are the likelihoods of malignancy of the ACR BI-RADS Atlas (5th edition):
     category 3 at most 2%, 4A above 2% up to 10%, 4B above 10% up to 50%, 4C above 50% and
-    below 95%, 5 at least 95%. The same convention as ``common.data.synth.birads_category``,
-    so a synthetic lesion's category and a predicted one are comparable.
+    below 95%, 5 at least 95%. The synthetic generator (``deploy.synth``) categorises its
+    lesions with these defaults, so a synthetic lesion's category and a predicted one are
+    comparable.
 
     Attributes
     ----------

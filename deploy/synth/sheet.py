@@ -16,8 +16,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from common.data.synth import render_sweep, sample_lesion, vendor_preset
 from common.errors import UsageError
+from deploy.synth.lesion import sample_lesion
+from deploy.synth.scanner import vendor_preset
+from deploy.synth.sweep import render_sweep
 
 # Layout in pixels (the PNG is written at 100 dpi, so one point of layout is one pixel).
 _PAD = 6
@@ -44,7 +46,7 @@ def write_contact_sheet(
     seed : int
         Seeds every sweep; the same arguments give the same picture.
     vendors : tuple of str
-        Keys of ``common.data.synth.VENDORS``, one row each.
+        Keys of ``deploy.synth.VENDORS``, one row each.
     frames_per_vendor : int
         Frames shown from the lesion sweep (>= 1), evenly spread from the frame before
         the lesion appears to the frame after it leaves.
