@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
 from deploy.audit.cli import audit_app
-from deploy.federation_cli import federation_app
+from deploy.federation.cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
 from deploy.synth_sheet import sheet_command

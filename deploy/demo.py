@@ -31,7 +31,7 @@ from common.keys import create_signing_key
 from common.privacy.ledger import LEDGER_FILE
 from deploy.audit.report import write_report
 from deploy.audit.verify import verify_ledgers
-from deploy.federation import check_finished_run
+from deploy.federation.runs import check_finished_run
 from deploy.launcher import APP_DIR, LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
 
