@@ -15,12 +15,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
-from deploy.empirical_cli import EMPIRICAL_HELP, empirical_command
-from deploy.federation_cli import federation_app
+from deploy.audit.cli import audit_app
+from deploy.federation.cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
 from deploy.synth.sheet import sheet_command
-from server.audit_cli import audit_app
 
 console = Console()
 err_console = Console(stderr=True)
@@ -34,8 +33,6 @@ app = typer.Typer(
 app.add_typer(site_app, name="site")
 app.add_typer(federation_app, name="federation")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
-# The empirical audit trains with the sites' code, which server/ never imports.
-audit_app.command(name="empirical", help=EMPIRICAL_HELP)(empirical_command)
 app.add_typer(audit_app, name="audit")
 app.command(name="synth-sheet")(sheet_command)
 app.command(name="predict")(predict_command)

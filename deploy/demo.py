@@ -28,11 +28,12 @@ from common.config import (
 from common.errors import FederationError, UsageError
 from common.keys import create_signing_key
 from common.privacy.ledger import LEDGER_FILE
-from deploy.federation import check_finished_run
+from deploy.audit.report import write_report
+from deploy.audit.verify import verify_ledgers
+from deploy.federation.runs import check_finished_run
 from deploy.launcher import APP_DIR, LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
 from deploy.synth import generate_site
-from server.audit import verify_ledgers, write_report
 
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
 VENDORS = ("vendor-a", "vendor-b", "vendor-c")

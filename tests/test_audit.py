@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 
 from common.keys import create_signing_key, load_signing_key, signing_key_paths
 from common.privacy.ledger import GENESIS_HASH, canonical_json, line_hash, sign
-from server.audit import (
+from deploy.audit.cli import audit_app
+from deploy.audit.verify import (
     EPSILON_ABS_TOLERANCE,
     EPSILON_REL_TOLERANCE,
     Problem,
     verify_ledger,
     verify_ledgers,
 )
-from server.audit_cli import audit_app
 from tests.test_ledger import SimulatedSite, copy_site, make_site, simulate
 
 runner = CliRunner()

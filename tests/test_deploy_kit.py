@@ -150,7 +150,7 @@ def test_superlink_unit_has_tls_auth_database_and_no_runtime_installs(tmp_path):
     """The unit runs `busfed federation superlink`; the SuperLink it starts (the argv that
     command builds from a consortium folder) has TLS, node auth, a database in that folder
     and no runtime installs, with flags flower-superlink knows."""
-    from deploy.federation import init_consortium
+    from deploy.federation.consortium import init_consortium
     from deploy.launcher import superlink_argv
 
     unit = read_unit(DEPLOY / "systemd" / "busfed-superlink.service")

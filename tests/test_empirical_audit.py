@@ -27,10 +27,10 @@ from common.privacy.empirical import (
     guesses_per_side,
     load_empirical,
 )
+from deploy.audit.cli import audit_app
+from deploy.audit.empirical_cli import _privacy_values
 from deploy.cli import app
-from deploy.empirical_cli import _privacy_values
 from deploy.synth import generate_site
-from server.audit_cli import audit_app
 from tests.test_ledger import make_site, simulate
 
 runner = CliRunner()

@@ -30,18 +30,16 @@ from typer.testing import CliRunner
 from client.doctor import check_superlink
 from common.errors import ConfigError, UsageError
 from common.keys import NodeKeys, create_node_keys
-from deploy.federation import (
+from deploy.federation.cli import federation_app
+from deploy.federation.consortium import (
     CONSORTIUM_FILE,
     ENROLMENT_LOG,
     Consortium,
-    EnrolmentEvent,
-    enrolled_sites,
     init_consortium,
-    read_enrolments,
-    run_config_for,
-    site_privacy,
 )
-from deploy.federation_cli import federation_app
+from deploy.federation.enrolment import EnrolmentEvent, enrolled_sites, read_enrolments
+from deploy.federation.runs import run_config_for
+from deploy.federation.status import site_privacy
 from deploy.launcher import LocalFederation, free_port
 from tests.tls import tls_server
 

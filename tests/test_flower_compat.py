@@ -19,7 +19,7 @@ from common.flower_compat import (
     set_sqlite_busy_timeout,
     sqlite_busy_timeout_ms,
 )
-from deploy.federation import check_finished_run
+from deploy.federation.runs import check_finished_run
 from deploy.launcher import FlowerCli, is_transient
 
 
@@ -162,7 +162,7 @@ def test_federation_start_wait_follows_the_run_and_fails_without_a_model(tmp_pat
     import datetime as dt
     from types import SimpleNamespace
 
-    from deploy.federation import LaunchRecord, wait_for_run
+    from deploy.federation.runs import LaunchRecord, wait_for_run
 
     out = tmp_path / "run"
     out.mkdir()

@@ -34,7 +34,7 @@ from common.privacy.ledger import (
     line_hash,
     signature_valid,
 )
-from server.audit import verify_ledger
+from deploy.audit.verify import verify_ledger
 
 DELTA = 1e-5
 # Rounds 1-2 fit (epsilon 4.62 after round 2); round 3 would reach 5.52 and is refused.

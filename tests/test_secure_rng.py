@@ -34,8 +34,9 @@ from common.privacy.ledger import (
     line_hash,
     sign,
 )
+from deploy.audit.report import write_report
+from deploy.audit.verify import AuditResult, verify_ledger
 from deploy.demo import DemoSettings, prepare_sites
-from server.audit import AuditResult, verify_ledger, write_report
 from tests.test_dp import _classifier_units, _flat
 from tests.test_ledger import copy_site, make_site, refusal, simulate
 

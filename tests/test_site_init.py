@@ -12,7 +12,7 @@ from client.cli import site_app
 from common.config import load_site_config
 from common.keys import load_signing_key, load_verify_key
 from common.privacy.ledger import PrivacyLedger
-from server.audit import verify_ledger
+from deploy.audit.verify import verify_ledger
 
 runner = CliRunner()
 PRIVACY = {

@@ -1,8 +1,7 @@
 """``busfed audit empirical``: the one-run empirical privacy audit on a rehearsal site.
 
-``empirical_command`` is the command; ``busfed`` mounts it on the ``audit`` group. It lives
-in ``deploy/`` because it trains with the sites' code (``client/``), which the consortium's
-``server/`` never imports. The work is in ``deploy.empirical_audit``.
+``empirical_command`` is the command; ``deploy.audit.cli`` mounts it on the ``audit`` group.
+The work is in ``deploy.audit.empirical``, which trains with the sites' code (``client/``).
 """
 
 from __future__ import annotations
@@ -141,7 +140,7 @@ def empirical_command(
     # torch and the sites' training code load only for this command.
     import torch
 
-    from deploy.empirical_audit import AuditPlan, rehearsal_site, run_empirical_audit
+    from deploy.audit.empirical import AuditPlan, rehearsal_site, run_empirical_audit
 
     values, kind = _privacy_values(
         site_config,

@@ -1,6 +1,7 @@
 """``busfed audit ...``: what an auditor runs on the sites' privacy ledgers.
 
-``audit_app`` is a Typer group; the top-level ``busfed`` command mounts it as ``audit``.
+``audit_app`` is a Typer group; the top-level ``busfed`` command mounts it as ``audit``. The
+work is in ``deploy.audit.verify``, ``.report`` and ``.empirical``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from rich.table import Table
 
 from common.errors import BusfedError, ValidationFailed
 from common.privacy.empirical import load_empirical
-from server.audit import (
+from deploy.audit.empirical_cli import EMPIRICAL_HELP, empirical_command
+from deploy.audit.report import load_versions, write_report
+from deploy.audit.verify import (
     EPSILON_ABS_TOLERANCE,
     EPSILON_REL_TOLERANCE,
     AuditResult,
-    load_versions,
     verify_ledgers,
-    write_report,
 )
 
 audit_app = typer.Typer(help="Commands an auditor runs.", no_args_is_help=True)
@@ -162,3 +163,6 @@ def report(
         )
     if not result.ok or (audit is not None and not audit.consistent):
         raise typer.Exit(code=ValidationFailed.exit_code)
+
+
+audit_app.command(name="empirical", help=EMPIRICAL_HELP)(empirical_command)

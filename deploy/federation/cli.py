@@ -1,8 +1,8 @@
 """``busfed federation ...``: the commands the consortium lead runs.
 
 ``federation_app`` is a Typer group; the top-level ``busfed`` command mounts it as
-``federation``. The logic is in ``deploy.federation``; this module parses, prints and maps
-errors to exit codes.
+``federation``. The logic is in the other modules of ``deploy.federation``; this module
+parses, prints and maps errors to exit codes.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.cli import reports_errors
-from deploy.federation import (
+from deploy.federation.consortium import (
     DEFAULT_PORT,
     DEFAULT_REGISTERED_MODEL,
     Consortium,
-    active_run,
-    enrol_site,
-    federation_status,
     init_consortium,
-    revoke_site,
-    serve_superlink,
-    start_run,
-    stop_run,
-    wait_for_run,
 )
+from deploy.federation.enrolment import enrol_site, revoke_site
+from deploy.federation.runs import active_run, start_run, stop_run, wait_for_run
+from deploy.federation.status import federation_status
+from deploy.federation.superlink import serve_superlink
 from deploy.pki import SERVER_LIFETIME, renew_server_certificate
 
 federation_app = typer.Typer(
