@@ -56,6 +56,7 @@ from common.data.synth import generate_site
 from common.data.units import crop_clip
 from common.data.video import read_video
 from common.errors import ConfigError, DataError, TrackingError, UsageError
+from common.evaluation.loading import load_model
 from common.keys import create_signing_key
 from common.models.bundle import (
     KeyFrameBundle,
@@ -70,7 +71,7 @@ from common.models.loading import load_bundle_dir, save_bundle_dir
 from common.models.presets import get_preset
 from common.privacy.ledger import LEDGER_FILE
 from deploy.metrics_cli import metrics_app
-from deploy.predict_cli import load_model, predict_app
+from deploy.predict_cli import predict_app
 from server.app import INITIAL_SEED, chosen_model
 from server.strategy import TrackedFedAvg
 from server.tracking import Tracker, model_card
