@@ -10,6 +10,7 @@
   the biopsy threshold, with and without the fallback score for unscored videos;
 - ``videos``: ``busfed evaluate``'s work, dispatched by bundle kind to ``wauve`` (one
   pipeline score per video) or ``keyframe`` (the 2D comparator's three readings);
+- ``score_table``: a scores CSV read for ``busfed metrics``, bad rows skipped and listed.
 
 Nothing here imports torch at package level: ``busfed metrics`` must start fast.
 """
