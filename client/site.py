@@ -31,7 +31,12 @@ from common.data.keyframes import KeyFrameUnits, build_keyframe_units
 from common.data.manifest import BOXES, MANIFEST, Problem, load_site
 from common.data.units import SiteUnits, build_units
 from common.errors import BudgetExceeded, DataError, PrivacyError
-from common.evaluation import HISTOGRAM_KEY, EvalResult, evaluate_bundle, evaluate_keyframe
+from common.evaluation.validation import (
+    HISTOGRAM_KEY,
+    EvalResult,
+    evaluate_bundle,
+    evaluate_keyframe,
+)
 from common.keys import load_signing_key, signing_key_paths
 from common.models.bundle import (
     DEFAULT_MODEL,

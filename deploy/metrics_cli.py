@@ -4,10 +4,10 @@
 and maps the ``BusfedError`` it raises to the documented exit code. ``metrics_app`` wraps
 the same command with that mapping on its own, for running it without ``busfed``.
 
-The CSV is read once here, at the edge: each row's label must be the positive value, the
-negative value (when ``--negative`` is given) or, without ``--negative``, any other
-non-blank value. A row whose score is missing or not a finite number is skipped and
-reported with its line and column, never dropped in silence.
+The CSV is read and checked by ``common.evaluation.score_table`` (bad score cells are
+skipped and listed), the figures come from ``common.metrics.build_report``; this module
+checks the options and prints: rich tables, JSON, the paper's Table 2 as Markdown or CSV,
+and the ROC figure (``deploy.plots``).
 """
 
 from __future__ import annotations
@@ -16,30 +16,28 @@ import csv
 import io
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, cast
 
 import click
-import numpy as np
 import typer
 from rich import box
 from rich.console import Console
 from rich.table import Table
 
 from common.cli import reports_errors
-from common.errors import DataError, UsageError
+from common.errors import UsageError
+from common.evaluation.score_table import ScoreTable, load_score_table
 from common.metrics import (
+    TABLE_MEASURES,
     Direction,
     GroupReport,
     Proportion,
     ThresholdMetrics,
-    evaluate_by_group,
-    evaluate_scores,
-    operating_thresholds,
-    resolve_directions,
+    build_report,
+    comparison_rows,
     roc_curve,
 )
 from deploy.plots import RocLine, write_roc_png
@@ -64,162 +62,6 @@ METRICS_HELP = (
     "3  SCORES.csv unreadable: missing, not UTF-8 CSV, a column missing, or a label that is "
     "neither positive nor negative"
 )
-
-
-@dataclass(frozen=True)
-class SkippedRow:
-    """A row left out of the evaluation: 1-based ``line`` (the header is line 1)."""
-
-    line: int
-    column: str
-    value: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class ScoreTable:
-    """The usable rows of a scores file, column by column.
-
-    Attributes
-    ----------
-    labels : bool array [N]
-        True for the positive value.
-    scores : dict of name to float array [N]
-    groups : list of N strings, or None without ``--by``
-    rows_read : int
-        Data rows in the file (the header not counted).
-    skipped : list[SkippedRow]
-        One entry per bad score cell; a row with several appears several times.
-    """
-
-    labels: np.ndarray
-    scores: dict[str, np.ndarray]
-    groups: list[str] | None
-    rows_read: int
-    skipped: list[SkippedRow]
-
-    @property
-    def rows_skipped(self) -> int:
-        return len({row.line for row in self.skipped})
-
-
-def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str | None]]]]:
-    """The header and ``(line, row)`` of each data row; ``DataError`` names file and line."""
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    rows: list[tuple[int, dict[str, str | None]]] = []
-    line = 1
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as handle:
-            reader = csv.DictReader(handle)
-            # Spreadsheets often leave blanks around header names.
-            header = [name.strip() for name in reader.fieldnames or []]
-            reader.fieldnames = header
-            for row in reader:
-                line = reader.line_num
-                rows.append((line, row))
-    except UnicodeDecodeError as error:
-        raise DataError(f"{path}: not UTF-8 text ({error.reason} at byte {error.start})") from error
-    except csv.Error as error:
-        raise DataError(f"{path}, line {line + 1}: not valid CSV ({error})") from error
-    except OSError as error:
-        raise DataError(f"{path}: cannot be read ({error.strerror})") from error
-    if not header:
-        raise DataError(f"{path}: empty file, no header line")
-    return header, rows
-
-
-def load_score_table(
-    path: Path,
-    *,
-    label: str,
-    positive: str,
-    negative: str | None,
-    score_columns: Sequence[str],
-    by: str | None,
-) -> ScoreTable:
-    """Read and check ``path``; see the module docstring for the rules.
-
-    Raises
-    ------
-    DataError
-        The file is missing, empty or not UTF-8 CSV, a named column is absent, or a label
-        is blank or (with ``negative``) neither value.
-    UsageError
-        No row has the positive label (a mistyped ``--positive``).
-    """
-    header, rows = _read_rows(path)
-    missing = [c for c in (label, *score_columns, *([by] if by else [])) if c not in header]
-    if missing:
-        raise DataError(
-            f"{path}, line 1: no column {', '.join(repr(c) for c in missing)} "
-            f"(columns: {', '.join(repr(c) for c in header)})"
-        )
-    if not rows:
-        raise DataError(f"{path}: no data row, only a header")
-    labels: list[bool] = []
-    scores: dict[str, list[float]] = {name: [] for name in score_columns}
-    groups: list[str] = []
-    skipped: list[SkippedRow] = []
-    label_values: set[str] = set()
-    for line, row in rows:
-        value = (row[label] or "").strip()
-        if not value:
-            raise DataError(
-                f"{path}, line {line}, column {label!r}: blank label, neither the positive "
-                f"{positive!r} nor any other value"
-            )
-        if negative is not None and value not in (positive, negative):
-            raise DataError(
-                f"{path}, line {line}, column {label!r}: label {value!r} is neither the "
-                f"positive {positive!r} nor the negative {negative!r}"
-            )
-        label_values.add(value)
-        parsed, bad = _parse_scores(line, row, score_columns)
-        if bad:
-            skipped.extend(bad)
-            continue
-        labels.append(value == positive)
-        for name, number in parsed.items():
-            scores[name].append(number)
-        if by:
-            groups.append((row[by] or "").strip())
-    if positive not in label_values:
-        seen = ", ".join(repr(v) for v in sorted(label_values))
-        raise UsageError(
-            f"--positive {positive!r}: no row of {path} has that value in column {label!r} "
-            f"(values: {seen})"
-        )
-    if not labels:
-        raise DataError(f"{path}: every row was skipped, no score left to evaluate")
-    return ScoreTable(
-        labels=np.array(labels, dtype=bool),
-        scores={name: np.array(values, dtype=float) for name, values in scores.items()},
-        groups=groups if by else None,
-        rows_read=len(rows),
-        skipped=skipped,
-    )
-
-
-def _parse_scores(
-    line: int, row: dict[str, str | None], score_columns: Sequence[str]
-) -> tuple[dict[str, float], list[SkippedRow]]:
-    parsed: dict[str, float] = {}
-    bad: list[SkippedRow] = []
-    for name in score_columns:
-        text = (row[name] or "").strip()
-        if not text:
-            bad.append(SkippedRow(line, name, text, "missing score"))
-            continue
-        try:
-            number = float(text)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number):
-            bad.append(SkippedRow(line, name, text, "not a finite number"))
-        else:
-            parsed[name] = number
-    return parsed, bad
 
 
 # ---------------------------------------------------------------- output
@@ -389,8 +231,6 @@ class TableFormat(StrEnum):
     csv = "csv"
 
 
-# The operating-point columns of the WAUVE paper's Table 2, in its order.
-TABLE_MEASURES = ("sensitivity", "specificity", "accuracy", "ppv", "npv")
 TABLE_HEADINGS = {
     "sensitivity": "Sensitivity",
     "specificity": "Specificity",
@@ -398,49 +238,6 @@ TABLE_HEADINGS = {
     "ppv": "PPV",
     "npv": "NPV",
 }
-
-
-def comparison_rows(report: GroupReport) -> list[dict[str, Any]]:
-    """Table 2's rows for one set of cases: one per score, in the order given.
-
-    Each row holds the AUC with its DeLong interval, the confusion table and the five
-    proportions (with Clopper-Pearson intervals) at the score's operating threshold, and
-    DeLong's test of its AUC against the first score's (``versus`` and ``delong_p`` are
-    empty and NaN on the first row). The figures are those of ``evaluate_scores``; every
-    score must have a threshold.
-    """
-    first = report.scores[0].name
-    against_first = {c.score_b: c.test for c in report.comparisons if c.score_a == first}
-    rows = []
-    for score in report.scores:
-        point = score.at_threshold
-        if point is None:
-            raise UsageError(f"score {score.name!r} has no operating threshold")
-        row: dict[str, Any] = {
-            "group": report.group,
-            "score": score.name,
-            "n_positive": report.n_pos,
-            "n_negative": report.n_neg,
-            "auc": score.auc.auc,
-            "auc_ci_low": score.auc.ci_low,
-            "auc_ci_high": score.auc.ci_high,
-            "threshold": point.threshold,
-            "positive_if": ">=" if score.auc.direction == "<" else "<=",
-            "tp": point.tp,
-            "fp": point.fp,
-            "tn": point.tn,
-            "fn": point.fn,
-        }
-        for measure in TABLE_MEASURES:
-            proportion: Proportion = getattr(point, measure)
-            row[measure] = proportion.estimate
-            row[f"{measure}_ci_low"] = proportion.ci_low
-            row[f"{measure}_ci_high"] = proportion.ci_high
-        test = against_first.get(score.name)
-        row["versus"] = first if test else ""
-        row["delong_p"] = test.p_value if test else math.nan
-        rows.append(row)
-    return rows
 
 
 def _table_caption(
@@ -632,33 +429,16 @@ def metrics_command(
     table = load_score_table(
         scores_csv, label=label, positive=positive, negative=negative, score_columns=score, by=by
     )
-    directions = resolve_directions(table.labels, table.scores, cast(Direction, direction))
-    thresholds = operating_thresholds(
+    report = build_report(
         table.labels,
         table.scores,
-        directions=directions,
+        table.groups,
+        direction=cast(Direction, direction),
         threshold=threshold,
         match_sensitivity=match_sensitivity,
-    )
-    overall = evaluate_scores(
-        table.labels,
-        table.scores,
-        directions=directions,
-        thresholds=thresholds,
         conf_level=CONF_LEVEL,
     )
-    groups = (
-        evaluate_by_group(
-            table.labels,
-            table.scores,
-            table.groups,
-            directions=directions,
-            thresholds=thresholds,
-            conf_level=CONF_LEVEL,
-        )
-        if table.groups is not None
-        else []
-    )
+    overall, groups = report.overall, report.groups
     if roc_plot is not None:
         if match_sensitivity is not None:
             title = f"operating points: sensitivity >= {match_sensitivity:g}"
@@ -666,7 +446,7 @@ def metrics_command(
             title = f"operating points: threshold {threshold:g}"
         else:
             title = f"{overall.n_pos} positive, {overall.n_neg} negative"
-        plot_rocs(roc_plot, table, overall, directions=directions, title=title)
+        plot_rocs(roc_plot, table, overall, directions=report.directions, title=title)
     if as_json:
         result = {
             "file": str(scores_csv),

@@ -29,7 +29,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg
 
-from common.evaluation import HISTOGRAM_KEY
+from common.evaluation.validation import HISTOGRAM_KEY
 from common.metrics import pooled_auc_from_histograms
 from common.models.bundle import ModelBundle, set_weights
 from common.privacy.ledger import LEDGER_METRIC

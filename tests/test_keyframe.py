@@ -51,6 +51,7 @@ from common.data.keyframes import (
 from common.data.manifest import load_site
 from common.data.video import read_video
 from common.errors import ConfigError, DataError, TrackingError, UsageError
+from common.evaluation.loading import load_model
 from common.geometry import crop_clip, crop_frames, key_frame, roi_frames
 from common.keys import create_signing_key
 from common.models.bundle import (
@@ -66,7 +67,7 @@ from common.models.loading import load_bundle_dir, save_bundle_dir
 from common.models.presets import get_preset
 from common.privacy.ledger import LEDGER_FILE
 from deploy.metrics_cli import metrics_app
-from deploy.predict_cli import load_model, predict_app
+from deploy.predict_cli import predict_app
 from deploy.synth import generate_site
 from server.app import INITIAL_SEED, chosen_model
 from server.strategy import TrackedFedAvg

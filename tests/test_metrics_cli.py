@@ -12,8 +12,14 @@ import pytest
 from typer.testing import CliRunner
 
 from common.errors import DataError, UsageError
-from common.metrics import auc_ci, delong_test, threshold_for_sensitivity, threshold_metrics
-from deploy.metrics_cli import METRICS_HELP, TABLE_MEASURES, metrics_app
+from common.metrics import (
+    TABLE_MEASURES,
+    auc_ci,
+    delong_test,
+    threshold_for_sensitivity,
+    threshold_metrics,
+)
+from deploy.metrics_cli import METRICS_HELP, metrics_app
 
 ASAH = Path("/work/shared/reference/asah.csv")
 needs_asah = pytest.mark.skipif(

@@ -10,7 +10,7 @@ import pytest
 from flwr.common import Code, EvaluateRes, Status
 from flwr.server.client_proxy import ClientProxy
 
-from common.evaluation import HISTOGRAM_BINS, HISTOGRAM_KEY
+from common.evaluation.validation import HISTOGRAM_BINS, HISTOGRAM_KEY
 from common.metrics import histogram_counts, roc_auc
 from common.models.bundle import build_bundle
 from server.strategy import RoundRecord, TrackedFedAvg

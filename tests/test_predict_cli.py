@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from typer.testing import CliRunner
 
 from common.data.manifest import load_site
 from common.data.video import read_video
+from common.errors import DataError
+from common.evaluation.scoring import score_videos
 from common.geometry import consecutive_windows
 from common.models.bundle import build_bundle
 from deploy.predict_cli import predict_app
@@ -215,3 +218,21 @@ def test_evaluate_rejects_an_unknown_split(site, model_dir, tmp_path):
     )  # fmt: skip
     assert result.exit_code == 2
     assert "holdout" in result.stderr
+
+
+def test_the_scoring_loop_lists_unreadable_videos_and_moves_the_progress_bar():
+    rows = [SimpleNamespace(video=name) for name in ("a", "b", "c")]
+
+    def read(row):
+        if row.video == "b":
+            raise DataError("b: corrupt")
+        return row.video.upper()
+
+    calls = []
+    scored, failures = score_videos(
+        rows, read, lambda row, frames: frames * 2, progress=lambda *a: calls.append(a)
+    )
+
+    assert [(row.video, score) for row, score in scored] == [("a", "AA"), ("c", "CC")]
+    assert failures == [{"video": "b", "error": "b: corrupt"}]
+    assert calls == [(0, "a"), (1, "a"), (1, "b"), (2, "b"), (2, "c"), (3, "c")]

@@ -5,7 +5,8 @@
   ``var``, ``cov``, ``ci.auc``, ``roc.test``), with pROC's ``direction`` convention;
 - ``threshold``: sensitivity, specificity, PPV, NPV and accuracy at a threshold with exact
   (Clopper-Pearson) intervals, F1, and the threshold that matches a target sensitivity;
-- ``report``: all of them for several scores, overall and per subgroup;
+- ``report``: all of them for several scores, overall and per subgroup, and the rows of
+  the paper's Table 2;
 - ``pooled``: the pooled ROC and AUC of several sites from per-site score histograms, for
   federated evaluation where no score leaves a site.
 """
@@ -17,9 +18,13 @@ from common.metrics.pooled import (
     pooled_roc_from_histograms,
 )
 from common.metrics.report import (
+    TABLE_MEASURES,
     Comparison,
     GroupReport,
+    Report,
     ScoreReport,
+    build_report,
+    comparison_rows,
     evaluate_by_group,
     evaluate_scores,
     operating_thresholds,
@@ -49,12 +54,14 @@ from common.metrics.threshold import (
 )
 
 __all__ = [
+    "TABLE_MEASURES",
     "AucCI",
     "Comparison",
     "DelongTest",
     "Direction",
     "GroupReport",
     "Proportion",
+    "Report",
     "ResolvedDirection",
     "RocCurve",
     "ScoreReport",
@@ -62,7 +69,9 @@ __all__ = [
     "ThresholdMetrics",
     "auc_ci",
     "bin_edges",
+    "build_report",
     "clopper_pearson",
+    "comparison_rows",
     "delong_covariance",
     "delong_test",
     "evaluate_by_group",

@@ -6,19 +6,25 @@ and the operating-point metrics with exact intervals, and compare every pair of 
 DeLong's paired test; subgroups reuse the directions and thresholds fixed on all cases, so
 a subgroup is judged at the operating point the model would be used at.
 
+``build_report`` runs the stages in order; ``comparison_rows`` lays one set of cases out as
+the rows of the paper's Table 2.
+
 A threshold is in the score's own units. For direction ``"<"`` a case is called positive
 when ``score >= threshold``; for ``">"`` when ``score <= threshold``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from itertools import combinations
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 
+from common.errors import UsageError
 from common.metrics._checks import binary_labels
 from common.metrics.roc import (
     AucCI,
@@ -29,7 +35,15 @@ from common.metrics.roc import (
     delong_test,
     resolve_direction,
 )
-from common.metrics.threshold import ThresholdMetrics, threshold_for_sensitivity, threshold_metrics
+from common.metrics.threshold import (
+    Proportion,
+    ThresholdMetrics,
+    threshold_for_sensitivity,
+    threshold_metrics,
+)
+
+# The operating-point columns of the WAUVE paper's Table 2, in its order.
+TABLE_MEASURES = ("sensitivity", "specificity", "accuracy", "ppv", "npv")
 
 
 @dataclass(frozen=True)
@@ -230,3 +244,102 @@ def evaluate_by_group(
             )
         )
     return reports
+
+
+@dataclass(frozen=True)
+class Report:
+    """The whole evaluation of paired scores: all cases, then each subgroup.
+
+    Attributes
+    ----------
+    directions : dict of name to ``"<"`` / ``">"``
+        Each score's direction, resolved on all cases.
+    overall : GroupReport
+    groups : list[GroupReport]
+        One per subgroup value, sorted; empty without groups.
+    """
+
+    directions: dict[str, ResolvedDirection]
+    overall: GroupReport
+    groups: list[GroupReport]
+
+
+def build_report(
+    labels: ArrayLike,
+    scores: Mapping[str, ArrayLike],
+    groups: Sequence[str] | None = None,
+    *,
+    direction: Direction,
+    threshold: float | None = None,
+    match_sensitivity: float | None = None,
+    conf_level: float = 0.95,
+) -> Report:
+    """The stages of the module docstring in order: directions and thresholds fixed on all
+    cases, then ``evaluate_scores`` on all cases and ``evaluate_by_group`` per subgroup."""
+    directions = resolve_directions(labels, scores, direction)
+    thresholds = operating_thresholds(
+        labels,
+        scores,
+        directions=directions,
+        threshold=threshold,
+        match_sensitivity=match_sensitivity,
+    )
+    overall = evaluate_scores(
+        labels, scores, directions=directions, thresholds=thresholds, conf_level=conf_level
+    )
+    by_group = (
+        evaluate_by_group(
+            labels,
+            scores,
+            groups,
+            directions=directions,
+            thresholds=thresholds,
+            conf_level=conf_level,
+        )
+        if groups is not None
+        else []
+    )
+    return Report(directions=directions, overall=overall, groups=by_group)
+
+
+def comparison_rows(report: GroupReport) -> list[dict[str, Any]]:
+    """Table 2's rows for one set of cases: one per score, in the order given.
+
+    Each row holds the AUC with its DeLong interval, the confusion table and the five
+    proportions (with Clopper-Pearson intervals) at the score's operating threshold, and
+    DeLong's test of its AUC against the first score's (``versus`` and ``delong_p`` are
+    empty and NaN on the first row). The figures are those of ``evaluate_scores``; every
+    score must have a threshold.
+    """
+    first = report.scores[0].name
+    against_first = {c.score_b: c.test for c in report.comparisons if c.score_a == first}
+    rows = []
+    for score in report.scores:
+        point = score.at_threshold
+        if point is None:
+            raise UsageError(f"score {score.name!r} has no operating threshold")
+        row: dict[str, Any] = {
+            "group": report.group,
+            "score": score.name,
+            "n_positive": report.n_pos,
+            "n_negative": report.n_neg,
+            "auc": score.auc.auc,
+            "auc_ci_low": score.auc.ci_low,
+            "auc_ci_high": score.auc.ci_high,
+            "threshold": point.threshold,
+            "positive_if": ">=" if score.auc.direction == "<" else "<=",
+            "tp": point.tp,
+            "fp": point.fp,
+            "tn": point.tn,
+            "fn": point.fn,
+        }
+        for measure in TABLE_MEASURES:
+            proportion: Proportion = getattr(point, measure)
+            row[measure] = proportion.estimate
+            row[f"{measure}_ci_low"] = proportion.ci_low
+            row[f"{measure}_ci_high"] = proportion.ci_high
+        test = against_first.get(score.name)
+        row["versus"] = first if test else ""
+        row["delong_p"] = test.p_value if test else math.nan
+        rows.append(row)
+    return rows
