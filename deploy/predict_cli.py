@@ -119,9 +119,10 @@ def predict_command(
     device: DeviceOption = "cpu",
 ) -> None:
     from common.data.video import probe_video, read_video, write_video_rgb
-    from common.evaluation.loading import as_wauve, load_model, to_device
+    from common.evaluation.loading import as_wauve, to_device
     from common.pipeline.render import annotate_frames, report_dict, save_heatmap
     from common.pipeline.run import run_pipeline
+    from deploy.registry import load_model
 
     with exit_codes():
         config = PipelineConfig(
@@ -187,9 +188,10 @@ def evaluate_command(
     from common.data.manifest import load_site
     from common.data.units import SPLITS
     from common.evaluation.keyframe import read_wauve_scores
-    from common.evaluation.loading import load_model, to_device
+    from common.evaluation.loading import to_device
     from common.evaluation.videos import evaluate_videos
     from common.models.bundle import KeyFrameBundle
+    from deploy.registry import load_model
 
     with exit_codes():
         if split != "all" and split not in SPLITS:

@@ -51,7 +51,6 @@ from common.data.keyframes import (
 from common.data.manifest import load_site
 from common.data.video import read_video
 from common.errors import ConfigError, DataError, TrackingError, UsageError
-from common.evaluation.loading import load_model
 from common.geometry import crop_clip, crop_frames, key_frame, roi_frames
 from common.keys import create_signing_key
 from common.models.bundle import (
@@ -68,6 +67,7 @@ from common.models.presets import get_preset
 from common.privacy.ledger import LEDGER_FILE
 from deploy.metrics_cli import metrics_app
 from deploy.predict_cli import predict_app
+from deploy.registry import load_model
 from deploy.synth import generate_site
 from server.app import INITIAL_SEED, chosen_model
 from server.strategy import TrackedFedAvg
