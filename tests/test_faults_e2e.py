@@ -30,8 +30,9 @@ from deploy.demo import (
     site_keys,
     wait_online,
 )
-from deploy.launcher import HOST, LocalFederation, ManagedProcess
+from deploy.launcher import LocalFederation
 from deploy.pki import create_consortium_pki
+from deploy.processes import HOST, ManagedProcess
 from tests.faults import damage_site
 from tests.netproxy import TcpRelay
 

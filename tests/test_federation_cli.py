@@ -40,7 +40,8 @@ from deploy.federation.consortium import (
 from deploy.federation.enrolment import EnrolmentEvent, enrolled_sites, read_enrolments
 from deploy.federation.runs import run_config_for
 from deploy.federation.status import site_privacy
-from deploy.launcher import LocalFederation, free_port
+from deploy.launcher import LocalFederation
+from deploy.processes import free_port
 from tests.tls import tls_server
 
 runner = CliRunner()

@@ -20,7 +20,7 @@ from common.flower_compat import (
     sqlite_busy_timeout_ms,
 )
 from deploy.federation.runs import check_finished_run
-from deploy.launcher import FlowerCli, is_transient
+from deploy.flwr_cli import FlowerCli, is_transient
 
 
 def test_flower_still_has_the_globals_busfed_replaces() -> None:

@@ -37,7 +37,8 @@ from deploy.demo import (
     start_sites,
     wait_online,
 )
-from deploy.launcher import PROFILE, LocalFederation
+from deploy.flwr_cli import PROFILE
+from deploy.launcher import LocalFederation
 from deploy.pki import create_consortium_pki
 
 pytestmark = pytest.mark.e2e

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.errors import ConfigError, UsageError, validation_problems
-from deploy.launcher import PROFILE, FlowerCli, toml_value, write_profile
+from deploy.flwr_cli import PROFILE, FlowerCli, toml_value, write_profile
 from deploy.pki import ConsortiumPKI, create_consortium_pki, pki_paths
 
 CONSORTIUM_FILE = "consortium.toml"

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from common.errors import FederationError, UsageError
 from deploy.federation.consortium import NAME_PATTERN, Consortium
 from deploy.federation.logs import append_line, read_jsonl
-from deploy.launcher import FlowerCli
+from deploy.flwr_cli import FlowerCli
 
 # SuperNode statuses in `flwr supernode list`; "unregistered" is a revoked node.
 REVOKED = "unregistered"

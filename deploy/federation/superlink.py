@@ -12,7 +12,9 @@ from typing import Any
 
 from common.errors import ConfigError, FederationError
 from deploy.federation.consortium import Consortium
-from deploy.launcher import flower_env, spawn, stop_processes, superlink_argv
+from deploy.flwr_cli import flower_env
+from deploy.launcher import superlink_argv
+from deploy.processes import spawn, stop_processes
 
 CERT_WARN_DAYS = 30
 
