@@ -95,11 +95,14 @@ def layer_violations(root: Path) -> list[str]:
 
 
 def forbidden_imports(root: Path) -> list[str]:
-    """Each import of ``deploy``/``tests`` by the product, or between ``client``/``server``."""
+    """Each import of ``deploy``/``tests`` by the product, between ``client``/``server``, or
+    of ``mlflow`` by ``common``."""
     problems = []
     for top in PRODUCT:
         forbidden = set(NOT_IMPORTED_BY_PRODUCT)
         forbidden |= {"client": {"server"}, "server": {"client"}}.get(top, set())
+        # common/ never opens a network connection: the MLflow client belongs to server/, deploy/
+        forbidden |= {"common": {"mlflow"}}.get(top, set())
         for path in _sources(root, top):
             for line, target in imported_modules(root, path):
                 if target.split(".")[0] in forbidden:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from common.data.video import VideoInfo, probe_video
 from common.errors import DataError
 from common.files import atomic_path
+from common.geometry import Box
 
 MANIFEST = "manifest.csv"
 BOXES = "boxes.csv"
@@ -41,7 +42,6 @@ BIRADS_CATEGORIES = ("0", "1", "2", "3", "4", "4A", "4B", "4C", "5", "6")
 NORMAL_BIRADS = "1"  # negative: a sweep or image of normal tissue, labelled benign
 
 Split = Literal["train", "val", "test"]
-Box = tuple[float, float, float, float]
 
 
 def _normalise_video(value: str) -> str:
