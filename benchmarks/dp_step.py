@@ -40,7 +40,7 @@ from timing import STATISTICS, time_in_turn
 from torch import nn
 
 from client.secure_rng import ChaCha20Random
-from client.train import DPParams, train_classifier, train_detector, train_keyframe
+from client.train import train_classifier, train_detector, train_keyframe
 from common.data.keyframes import KeyFrameUnit
 from common.data.units import ClassifierUnit, DetectorUnit
 from common.models.bundle import build_bundle
@@ -48,6 +48,7 @@ from common.models.detector import build_detector
 from common.models.i3d import build_classifier
 from common.models.keyframe import build_keyframe_model
 from common.models.presets import Preset, get_preset
+from common.privacy.settings import DPSettings
 
 LR = 0.01
 NETWORKS = ("detector", "classifier", "keyframe")
@@ -156,7 +157,7 @@ def step_rows(args: argparse.Namespace, device: torch.device) -> None:
     models = {name: copy.deepcopy(net).to(device).train() for name, net in networks.items()}
     patient_units = _units(bundles[0].preset, args.patients, args.frames, args.clips)
     item_units = _per_item_units(*patient_units)
-    dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
     generator = torch.Generator().manual_seed(0)
     trainers = {
         "detector": train_detector,

@@ -44,7 +44,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from client.train import DPParams, train_classifier, train_detector
+from client.train import train_classifier, train_detector
 from common.data.manifest import load_site
 from common.data.units import SPLITS, SiteUnits, build_units
 from common.data.video import read_video
@@ -54,6 +54,7 @@ from common.models.presets import get_preset
 from common.pipeline.config import PipelineConfig, PreprocessConfig
 from common.pipeline.run import run_pipeline
 from common.privacy.accountant import SiteAccountant
+from common.privacy.settings import DPSettings
 from deploy.synth import generate_site
 
 FALLBACK_SCORE = 0.0  # no lesion tracked: nothing suspicious found
@@ -85,7 +86,9 @@ def train_bundle(root: Path, args: argparse.Namespace, console: Console) -> tupl
     device = torch.device("cpu")
     plans = {
         name: (
-            DPParams(noise_multiplier=args.sigma, max_grad_norm=args.clip_norm, sample_rate=rate),
+            DPSettings.allowing_noise_off(
+                noise_multiplier=args.sigma, max_grad_norm=args.clip_norm, sample_rate=rate
+            ),
             steps,
         )
         for name, rate, steps in (

@@ -50,13 +50,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from client.train import DPParams, train_classifier, train_detector
+from client.train import train_classifier, train_detector
 from common.data.manifest import load_site
 from common.data.units import SPLITS, ClassifierUnit, build_units
 from common.metrics import AucCI, auc_ci
 from common.models.bundle import build_bundle, get_weights, set_weights
 from common.models.presets import get_preset
 from common.privacy.accountant import SiteAccountant
+from common.privacy.settings import DPSettings
 from deploy.synth import generate_site
 
 # The demo's data and site settings (deploy.demo.DemoSettings, demo_site_config).
@@ -157,7 +158,9 @@ def run_setting(
 ) -> Outcome:
     preset = get_preset("tiny")
     device = torch.device("cpu")
-    dp = DPParams(noise_multiplier=setting.sigma, max_grad_norm=setting.C, sample_rate=setting.q)
+    dp = DPSettings.allowing_noise_off(
+        noise_multiplier=setting.sigma, max_grad_norm=setting.C, sample_rate=setting.q
+    )
     bundle = build_bundle("tiny", seed=seed)
     global_weights = get_weights(bundle)
     aucs = [patient_auc(bundle.classifier, heldout)]

@@ -388,8 +388,7 @@ def check_enrolment() -> Check:
 
 def check_budget(config: SiteConfig) -> Check:
     # Late: the accountant pulls in Opacus and dp-accounting, the file name Flower.
-    from client.site import ACCOUNTANT_FILE
-    from common.privacy.accountant import SiteAccountant
+    from common.privacy.accountant import ACCOUNTANT_FILE, SiteAccountant
 
     privacy = config.privacy
     path = config.site.state / ACCOUNTANT_FILE

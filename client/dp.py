@@ -24,8 +24,9 @@ from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processe
 from torch import nn
 
 from client.secure_rng import ChaCha20Random
-from common.errors import DataError, PrivacyError, UsageError
+from common.errors import DataError, UsageError
 from common.privacy.ledger import NoiseSource
+from common.privacy.settings import DPSettings
 
 PRIVACY_UNIT = "patient"
 SECURE_NOISE: NoiseSource = "chacha20-csprng"
@@ -35,33 +36,6 @@ INSECURE_NOISE: NoiseSource = "torch-prng-insecure"
 # FloatTensor[len(indices), *p.shape] (row i: unit indices[i]'s unclipped gradient), and
 # each sampled unit's loss.
 PerUnitGradients = Callable[[list[int]], tuple[list[torch.Tensor], list[float]]]
-
-
-@dataclass(frozen=True, kw_only=True)
-class DPParams:
-    """Privacy parameters of one network's DP-SGD, privacy unit = patient.
-
-    Attributes
-    ----------
-    noise_multiplier : float
-        sigma: noise std divided by ``max_grad_norm``; 0 only for tests (no privacy).
-    max_grad_norm : float
-        C: each patient's gradient is clipped to this L2 norm.
-    sample_rate : float
-        q: probability that a patient takes part in a step (Poisson sampling).
-    """
-
-    noise_multiplier: float
-    max_grad_norm: float
-    sample_rate: float
-
-    def __post_init__(self) -> None:
-        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise PrivacyError(f"noise_multiplier must be >= 0, got {self.noise_multiplier}")
-        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise PrivacyError(f"max_grad_norm must be > 0, got {self.max_grad_norm}")
-        if not 0 < self.sample_rate <= 1:
-            raise PrivacyError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -75,9 +49,7 @@ class MechanismRecord:
     model: str  # "detector" | "classifier"
     privacy_unit: str  # "patient"
     n_units: int
-    sample_rate: float
-    noise_multiplier: float
-    max_grad_norm: float
+    dp: DPSettings  # sigma, C and q the steps ran with
     steps: int
     mean_loss: float
     noise_source: NoiseSource  # where the noise and the patient draws came from
@@ -122,7 +94,7 @@ def run_dp_sgd(
     n_units: int,
     per_unit_gradients: PerUnitGradients,
     *,
-    dp: DPParams,
+    dp: DPSettings,
     steps: int,
     lr: float,
     device: torch.device,
@@ -185,9 +157,7 @@ def run_dp_sgd(
         model=model_name,
         privacy_unit=PRIVACY_UNIT,
         n_units=n_units,
-        sample_rate=dp.sample_rate,
-        noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm,
+        dp=dp,
         steps=steps,
         mean_loss=sum(losses) / len(losses) if losses else math.nan,
         noise_source=SECURE_NOISE if secure_rng else INSECURE_NOISE,

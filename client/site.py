@@ -9,7 +9,6 @@ preset, the number of local steps (capped by the site) and the learning rate.
 
 from __future__ import annotations
 
-import functools
 import json
 import time
 from collections.abc import Callable
@@ -23,21 +22,21 @@ from flwr.common import NDArrays, Scalar
 from flwr.common.logger import log
 from torchvision.models.detection import FasterRCNN
 
-from client.dp import INSECURE_NOISE, SECURE_NOISE
+from client.budget import Proposal, RoundId, SiteBudget
+from client.dp import MechanismRecord
 from client.sent import SentUpdate, SentUpdates, fingerprint
-from client.train import DPParams, MechanismRecord, train_classifier, train_detector, train_keyframe
-from common.config import ModelPrivacy, SiteConfig
+from client.train import train_classifier, train_detector, train_keyframe
+from common.config import SiteConfig
 from common.data.keyframes import KeyFrameUnits, build_keyframe_units
 from common.data.manifest import BOXES, MANIFEST, Problem, load_site
 from common.data.units import SiteUnits, build_units
-from common.errors import BudgetExceeded, DataError, PrivacyError
+from common.errors import DataError, PrivacyError
 from common.evaluation.validation import (
     HISTOGRAM_KEY,
     EvalResult,
     evaluate_bundle,
     evaluate_keyframe,
 )
-from common.keys import load_signing_key, signing_key_paths
 from common.models.bundle import (
     DEFAULT_MODEL,
     KeyFrameBundle,
@@ -52,14 +51,13 @@ from common.models.bundle import (
 from common.models.presets import get_preset
 from common.pipeline.config import PipelineConfig
 from common.pipeline.run import detector_clip_windows
-from common.privacy.accountant import SiteAccountant
-from common.privacy.ledger import LEDGER_FILE, LEDGER_METRIC, PrivacyLedger
+from common.privacy.ledger import LEDGER_METRIC, LedgerEntry
+from common.privacy.settings import DPSettings
 
 # SecAgg+ quantizes values in [-CLIPPING_RANGE, CLIPPING_RANGE]; anything outside would be
 # silently clipped in the sum, so the site refuses to send it (it is the only one who can
 # look: the server sees masked vectors only).
 CLIPPING_RANGE = 8.0
-ACCOUNTANT_FILE = "accountant.json"
 EVENTS_FILE = "events.jsonl"
 # How each network trains; the chosen bundle's ``networks`` say which ones a round trains.
 TRAINERS: dict[str, Callable[..., MechanismRecord]] = {
@@ -74,14 +72,6 @@ def resolve_device(setting: str) -> torch.device:
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(setting)
-
-
-def _dp(m: ModelPrivacy) -> DPParams:
-    return DPParams(
-        noise_multiplier=m.noise_multiplier,
-        max_grad_norm=m.max_grad_norm,
-        sample_rate=m.sample_rate,
-    )
 
 
 def skipped_counts(problems: list[Problem]) -> dict[str, Scalar]:
@@ -120,12 +110,11 @@ class SiteClient(NumPyClient):
         self.proposed_steps = int(run_config["local-steps"])
         self.lr = float(run_config["learning-rate"])
         self.seed = int(run_config.get("seed", 0))
-        self.proposed_noise = float(run_config.get("proposed-noise-multiplier", 0.0))
-        self.proposed_rate = float(run_config.get("proposed-sample-rate", 0.0))
+        self.proposal = Proposal.from_run_config(run_config)
         self.model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
         torch.set_num_threads(config.site.threads)
         self.device = resolve_device(config.site.device)
-        self.accountant_path = config.site.state / ACCOUNTANT_FILE
+        self.sent = SentUpdates(config.site.state)
 
     def _bundle(self, parameters: NDArrays) -> ModelBundle:
         bundle = build_bundle(self.preset, seed=self.seed, model=self.model)
@@ -231,169 +220,111 @@ class SiteClient(NumPyClient):
         log(WARNING, "%s", reason)
         self.event("insecure-rng", round=server_round, reason=reason)
 
-    def _accountant(self) -> SiteAccountant:
-        if self.accountant_path.exists():
-            return SiteAccountant.load(self.accountant_path)
-        return SiteAccountant(kind=self.config.privacy.accountant)
-
-    def check_proposal(self) -> None:
-        """The site's privacy settings win; a server proposal weaker than them is refused.
-
-        Less noise or a higher patient sampling rate than the site's would spend more of its
-        budget per step than the hospital agreed to; stronger proposals change nothing
-        (the site trains with its own values either way).
-        """
-        privacy = self.config.privacy
-        for model in map(privacy.of, bundle_class(self.model).network_names):
-            if 0 < self.proposed_noise < model.noise_multiplier:
-                raise PrivacyError(
-                    f"site {self.config.site.name} refuses: the server proposes noise multiplier "
-                    f"{self.proposed_noise}, weaker than the site's {model.noise_multiplier}"
-                )
-            if self.proposed_rate > model.sample_rate:
-                raise PrivacyError(
-                    f"site {self.config.site.name} refuses: the server proposes sample rate "
-                    f"{self.proposed_rate}, weaker than the site's {model.sample_rate}"
-                )
-
-    def _ledger(self) -> PrivacyLedger:
-        site = self.config.site
-        key_path, _ = signing_key_paths(site.keys, site=site.name)
-        return PrivacyLedger(
-            site.state / LEDGER_FILE, site=site.name, signing_key=load_signing_key(key_path)
-        )
-
     def fit(
         self, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """One round: the site's guards, private training, its signed record, the update."""
         started = time.perf_counter()
-        server_round = int(config.get("round", 0))
-        # The campaign outlives a restarted server (each restart is a new Flower run), so
-        # the ledger and the duplicate guard key on it.
-        run_id = str(config.get("campaign") or config.get("run_id", "unknown"))
-        privacy = self.config.privacy
-        steps = min(self.proposed_steps, self.config.training.max_local_steps)
-        self.check_proposal()
-        plans = {name: _dp(privacy.of(name)) for name in bundle_class(self.model).network_names}
-        self.config.site.state.mkdir(parents=True, exist_ok=True)
-        ledger = self._ledger()
-        sent = SentUpdates(self.config.site.state)
+        round_id = RoundId.from_fit_config(config)
+        budget = SiteBudget(
+            self.config, networks=bundle_class(self.model).network_names, log=self.event
+        )
+        budget.check_proposal(self.proposal)
         global_model = fingerprint(parameters)
-        if any(
-            e.run_id == run_id and e.round == server_round and e.status == "trained"
-            for e in ledger.entries()
-        ):
-            # A resumed federation asks again for the round it lost. Re-sending the update
-            # already released for the same global model is free; training again is not.
-            if (again := sent.load(run_id, server_round, global_model=global_model)) is not None:
-                self.event("fit-resent", round=server_round, campaign=run_id)
-                return again.weights, again.num_examples, again.metrics
-            reason = (
-                f"site {self.config.site.name} already trained round {server_round} of "
-                f"campaign {run_id} from another global model; it will not spend epsilon on "
-                "it twice"
-            )
-            self.event("fit-refused", round=server_round, reason=reason)
-            raise PrivacyError(reason)
+        if budget.trained(round_id):
+            return self._send_again(round_id, global_model, budget)
         bundle = self._bundle(parameters)
         try:
             units, skipped = self._training_units("train", bundle)
         except DataError as error:
-            self.event("fit-refused", round=server_round, reason=str(error))
-            raise
+            budget.refuse(round_id.round, error)
         n_patients = len(next(iter(units.values())))
-        accountant = self._accountant()
-        record_entry = functools.partial(
-            ledger.append,
-            run_id=run_id,
-            round=server_round,
-            privacy_unit=privacy.privacy_unit,
-            n_units=n_patients,
-            delta=privacy.delta,
-            accountant=privacy.accountant,
-            budget=privacy.epsilon_budget,
-            noise_source=SECURE_NOISE if privacy.secure_rng else INSECURE_NOISE,
-        )
+        budget.guard(round_id, n_units=n_patients, steps=self.steps)
+        records = self._train(round_id, bundle, units, budget.settings)
+        entries = budget.spend(round_id, records, n_units=n_patients)
+        weights = get_weights(bundle)
+        check_update(weights, weight_names(bundle))
+        epsilon = budget.epsilon
+        self.event("fit-end", round=round_id.round, epsilon=epsilon)
+        metrics = self._fit_metrics(
+            epsilon=epsilon, n_patients=n_patients, records=records, skipped=skipped,
+            entries=entries, seconds=time.perf_counter() - started,
+        )  # fmt: skip
+        # Kept (at the site only) so that a resumed federation's repeated request for this
+        # round is answered without training, and so without spending epsilon, again.
+        update = SentUpdate(weights, n_patients, metrics)
+        self.sent.save(round_id.run_id, round_id.round, global_model=global_model, update=update)
+        return weights, n_patients, metrics
 
-        # Budget guard first: a round that would take the site past its budget trains nothing.
-        projected = accountant.epsilon_if(
-            privacy.delta, [(dp.noise_multiplier, dp.sample_rate, steps) for dp in plans.values()]
-        )
-        if projected > privacy.epsilon_budget:
-            reason = (
-                f"site {self.config.site.name} refuses round {server_round}: epsilon would "
-                f"reach {projected:.3f} > budget {privacy.epsilon_budget} at delta {privacy.delta}"
-            )
-            for model, dp in plans.items():
-                record_entry(
-                    model=model, sample_rate=dp.sample_rate,
-                    noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                    steps=0, epsilon_round=0.0, epsilon_total=accountant.epsilon(privacy.delta),
-                    status="refused",
-                )  # fmt: skip
-            self.event("fit-refused", round=server_round, reason=reason)
-            raise BudgetExceeded(reason)
-        self.event("fit-start", round=server_round, steps=steps)
-        if not privacy.secure_rng:
-            self.warn_insecure_rng(server_round)
+    @property
+    def steps(self) -> int:
+        """DP steps per network this round: the server's proposal, capped by the site."""
+        return min(self.proposed_steps, self.config.training.max_local_steps)
 
+    def _send_again(
+        self, round_id: RoundId, global_model: str, budget: SiteBudget
+    ) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """A round already trained, asked for again: the same update, or a refusal.
+
+        A resumed federation asks again for the round it lost. Re-sending the update
+        already released for the same global model is free; training again is not.
+        """
+        again = self.sent.load(round_id.run_id, round_id.round, global_model=global_model)
+        if again is None:
+            budget.refuse_twice(round_id)
+        self.event("fit-resent", round=round_id.round, campaign=round_id.run_id)
+        return again.weights, again.num_examples, again.metrics
+
+    def _train(
+        self,
+        round_id: RoundId,
+        bundle: ModelBundle,
+        units: dict[str, list[Any]],
+        settings: dict[str, DPSettings],
+    ) -> dict[str, MechanismRecord]:
+        """DP-SGD of every network of ``bundle`` in place, with the site's settings."""
+        self.event("fit-start", round=round_id.round, steps=self.steps)
+        secure_rng = self.config.privacy.secure_rng
+        if not secure_rng:
+            self.warn_insecure_rng(round_id.round)
         # Used only with secure_rng = false: then whoever knows the seed knows the noise.
         generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
-        records = {
+        return {
             name: TRAINERS[name](
-                network, units[name], dp=plans[name], steps=steps, lr=self.lr,
-                device=self.device, generator=generator, secure_rng=privacy.secure_rng,
+                network, units[name], dp=settings[name], steps=self.steps, lr=self.lr,
+                device=self.device, generator=generator, secure_rng=secure_rng,
             )
             for name, network in bundle.networks.items()
         }  # fmt: skip
-        entries: list[dict[str, object]] = []
-        losses: dict[str, float] = {}
-        for model, rec in records.items():
-            losses[model] = rec.mean_loss
-            alone = SiteAccountant(privacy.accountant)
-            alone.record(rec.noise_multiplier, rec.sample_rate, rec.steps)
-            accountant.record(rec.noise_multiplier, rec.sample_rate, rec.steps)
-            # The spend is saved before it is logged: a crash between the two overstates,
-            # never understates, what the site has spent.
-            accountant.save(self.accountant_path)
-            entry = record_entry(
-                model=model, sample_rate=rec.sample_rate,
-                noise_multiplier=rec.noise_multiplier, max_grad_norm=rec.max_grad_norm,
-                steps=rec.steps, epsilon_round=alone.epsilon(privacy.delta),
-                epsilon_total=accountant.epsilon(privacy.delta), status="trained",
-                noise_source=rec.noise_source,
-            )  # fmt: skip
-            entries.append(entry.model_dump(mode="json"))
 
-        weights = get_weights(bundle)
-        check_update(weights, weight_names(bundle))
-        epsilon = accountant.epsilon(privacy.delta)
-        self.event("fit-end", round=server_round, epsilon=epsilon)
-        metrics: dict[str, Scalar] = {
+    def _fit_metrics(
+        self,
+        *,
+        epsilon: float,
+        n_patients: int,
+        records: dict[str, MechanismRecord],
+        skipped: list[Problem],
+        entries: list[LedgerEntry],
+        seconds: float,
+    ) -> dict[str, Scalar]:
+        """What the server records of this site's round: flat, and no patient's data."""
+        privacy = self.config.privacy
+        return {
             "site": self.config.site.name,
             "epsilon": epsilon,
             "delta": privacy.delta,
             "epsilon_budget": privacy.epsilon_budget,
             "privacy_unit": privacy.privacy_unit,
-            "steps": steps,
+            "steps": self.steps,
             "model": self.model,
             "n_patients": n_patients,
-            **{f"{name}_loss": loss for name, loss in losses.items()},
-            "fit_seconds": time.perf_counter() - started,
+            **{f"{name}_loss": rec.mean_loss for name, rec in records.items()},
+            "fit_seconds": seconds,
             "device": str(self.device),
             **skipped_counts(skipped),
             # The round's signed ledger entries hold parameters and epsilons, no patient data.
-            LEDGER_METRIC: json.dumps(entries),
+            LEDGER_METRIC: json.dumps([e.model_dump(mode="json") for e in entries]),
         }
-        # Kept (at the site only) so that a resumed federation's repeated request for this
-        # round is answered without training, and so without spending epsilon, again.
-        sent.save(
-            run_id,
-            server_round,
-            global_model=global_model,
-            update=SentUpdate(weights, n_patients, metrics),
-        )
-        return weights, n_patients, metrics
 
     def evaluate(
         self, parameters: NDArrays, config: dict[str, Scalar]

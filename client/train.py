@@ -20,25 +20,17 @@ from opacus import GradSampleModule
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 
-from client.dp import DPParams, MechanismRecord, run_dp_sgd
+from client.dp import MechanismRecord, run_dp_sgd
 from common.data.keyframes import KeyFrameUnit
 from common.data.units import ClassifierUnit, DetectorUnit
-
-__all__ = [
-    "DPParams",
-    "MechanismRecord",
-    "train_classifier",
-    "train_detector",
-    "train_keyframe",
-    "train_per_sample",
-]
+from common.privacy.settings import DPSettings
 
 
 def train_detector(
     model: FasterRCNN,
     units: list[DetectorUnit],
     *,
-    dp: DPParams,
+    dp: DPSettings,
     steps: int,
     lr: float,
     device: torch.device,
@@ -60,7 +52,7 @@ def train_detector(
         From ``build_detector``; moved to ``device`` and left in train mode.
     units : list of DetectorUnit
         One per patient.
-    dp : DPParams
+    dp : DPSettings
         sigma, C and the patient sampling rate q.
     steps : int
         Noisy steps to take.
@@ -124,7 +116,7 @@ def train_classifier(
     model: nn.Module,
     units: list[ClassifierUnit],
     *,
-    dp: DPParams,
+    dp: DPSettings,
     steps: int,
     lr: float,
     device: torch.device,
@@ -176,7 +168,7 @@ def train_keyframe(
     model: nn.Module,
     units: list[KeyFrameUnit],
     *,
-    dp: DPParams,
+    dp: DPSettings,
     steps: int,
     lr: float,
     device: torch.device,
@@ -220,7 +212,7 @@ def train_per_sample(
     model: nn.Module,
     units: list[tuple[torch.Tensor, torch.Tensor]],
     *,
-    dp: DPParams,
+    dp: DPSettings,
     steps: int,
     lr: float,
     device: torch.device,

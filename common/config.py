@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.errors import ConfigError, validation_problems
+from common.privacy.settings import DPSettings
 
 # The networks a site may train, each with its own [privacy.<name>] section.
 NETWORKS = ("detector", "classifier", "keyframe")
@@ -21,14 +22,6 @@ NETWORKS = ("detector", "classifier", "keyframe")
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ModelPrivacy(_Strict):
-    """DP-SGD settings of one model; the privacy unit is the patient."""
-
-    noise_multiplier: float = Field(gt=0, description="sigma, noise std / clip norm")
-    max_grad_norm: float = Field(gt=0, description="C, per-patient gradient clip norm")
-    sample_rate: float = Field(gt=0, le=1, description="q, Poisson rate of patients per step")
 
 
 class SitePrivacy(_Strict):
@@ -44,12 +37,12 @@ class SitePrivacy(_Strict):
         description="draw DP noise and patient samples from a CSPRNG (ChaCha20, keyed by the "
         "OS); false only for tests and benchmarks: a seeded torch generator, predictable",
     )
-    detector: ModelPrivacy
-    classifier: ModelPrivacy
+    detector: DPSettings
+    classifier: DPSettings
     # Only a site that trains the 2D key-frame comparator needs it; no default either way.
-    keyframe: ModelPrivacy | None = None
+    keyframe: DPSettings | None = None
 
-    def of(self, network: str) -> ModelPrivacy:
+    def of(self, network: str) -> DPSettings:
         """The DP-SGD settings of ``network`` (``detector``, ``classifier``, ``keyframe``).
 
         Raises
@@ -59,7 +52,7 @@ class SitePrivacy(_Strict):
             how to train that network, so it must not.
         """
         settings = getattr(self, network, None) if network in NETWORKS else None
-        if not isinstance(settings, ModelPrivacy):
+        if not isinstance(settings, DPSettings):
             raise ConfigError(
                 f"the site config has no [privacy.{network}] section (noise_multiplier, "
                 f"max_grad_norm, sample_rate): the site does not train the {network} network"
@@ -142,7 +135,7 @@ def render_site_config(config: SiteConfig) -> str:
     """The config as commented TOML, the form `busfed site init` and the demo write."""
     s, p, t = config.site, config.privacy, config.training
 
-    def model(name: str, m: ModelPrivacy) -> str:
+    def model(name: str, m: DPSettings) -> str:
         return (
             f"[privacy.{name}]\n"
             f"noise_multiplier = {m.noise_multiplier}  # sigma: noise std over clip norm\n"

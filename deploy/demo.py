@@ -18,7 +18,6 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from common.config import (
-    ModelPrivacy,
     SiteConfig,
     SiteIdentity,
     SitePrivacy,
@@ -28,6 +27,7 @@ from common.config import (
 from common.errors import FederationError, UsageError
 from common.keys import create_signing_key
 from common.privacy.ledger import LEDGER_FILE
+from common.privacy.settings import DPSettings
 from deploy.audit.report import write_report
 from deploy.audit.verify import verify_ledgers
 from deploy.federation.runs import check_finished_run
@@ -64,7 +64,7 @@ def demo_site_config(
     name: str, site_dir: Path, *, require_secure_aggregation: bool = True
 ) -> SiteConfig:
     """What a cautious hospital would write: every privacy value stated explicitly."""
-    model = ModelPrivacy(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3)
+    model = DPSettings(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3)
     return SiteConfig(
         site=SiteIdentity(
             name=name, data=Path("data"), state=Path("state"), device="auto", threads=1

@@ -85,14 +85,18 @@ def test_prv_is_tighter_than_rdp():
 
 def test_edge_cases_and_errors(tmp_path):
     assert SiteAccountant().epsilon(DELTA) == 0.0
-    assert _ours([(1.1, 0.0, 100), (1.1, 0.01, 0)]).history == []
-    assert _ours([(0.0, 0.01, 1)]).epsilon(DELTA) == math.inf
+    assert _ours([(1.1, 0.01, 0)]).history == []
+    assert _ours([(0.0, 0.01, 1)]).epsilon(DELTA) == math.inf  # NOISE_OFF composes too
     with pytest.raises(PrivacyError):
         SiteAccountant().epsilon(0.0)
     with pytest.raises(PrivacyError):
         SiteAccountant().record(-1.0, 0.01, 1)
-    with pytest.raises(PrivacyError):
+    with pytest.raises(PrivacyError, match="sample_rate"):
         SiteAccountant().record(1.0, 1.5, 1)
+    with pytest.raises(PrivacyError, match="sample_rate"):  # the settings' rule: q > 0
+        SiteAccountant().record(1.0, 0.0, 1)
+    with pytest.raises(PrivacyError, match="steps"):
+        SiteAccountant().record(1.0, 0.1, -1)
     with pytest.raises(PrivacyError):
         SiteAccountant("gdp")  # type: ignore[arg-type]
     with pytest.raises(PrivacyError, match="prv"):

@@ -17,9 +17,8 @@ from typer.testing import CliRunner
 
 from client.cli import site_app
 from client.doctor import Check, exit_code, run_checks
-from client.site import ACCOUNTANT_FILE
 from common.config import load_site_config, render_site_config
-from common.privacy.accountant import SiteAccountant
+from common.privacy.accountant import ACCOUNTANT_FILE, SiteAccountant
 from deploy.pki import ConsortiumPKI, create_consortium_pki
 from deploy.synth import generate_site
 from tests.tls import tls_server

@@ -9,8 +9,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 
-from client.dp import DPParams, poisson_sample
+from client.dp import poisson_sample
 from client.secure_rng import ChaCha20Random
 from client.train import train_classifier, train_detector
 from common.data.units import ClassifierUnit, DetectorUnit
@@ -18,6 +19,7 @@ from common.errors import PrivacyError
 from common.models.detector import build_detector
 from common.models.i3d import build_classifier
 from common.models.presets import get_preset
+from common.privacy.settings import NOISE_OFF, DPSettings
 
 CPU = torch.device("cpu")
 TINY = get_preset("tiny")
@@ -113,7 +115,7 @@ def test_detector_step_is_clipped_sum_over_patients(detector, secure_rng):
     model = copy.deepcopy(detector)
     before = _flat(model)
     torch.manual_seed(7)
-    dp = DPParams(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
+    dp = DPSettings.allowing_noise_off(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
     record = train_detector(
         model, units, dp=dp, steps=1, lr=1.0, device=CPU,
         generator=torch.Generator().manual_seed(0), secure_rng=secure_rng,
@@ -136,7 +138,7 @@ def test_classifier_patient_with_many_clips_counts_once(classifier, secure_rng):
     c = sorted(float(g.norm()) for g in grads)[1]
     model = copy.deepcopy(classifier)
     before = _flat(model)
-    dp = DPParams(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
+    dp = DPSettings.allowing_noise_off(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
     generator = torch.Generator().manual_seed(0)
     # Four clips per pass: the third patient's clips straddle two passes.
     record = train_classifier(
@@ -166,7 +168,7 @@ def test_classifier_step_divides_by_expected_batch_size(classifier, secure_rng):
             break
         model = copy.deepcopy(classifier)
         before = _flat(model)
-        dp = DPParams(noise_multiplier=0.0, max_grad_norm=c, sample_rate=q)
+        dp = DPSettings.allowing_noise_off(noise_multiplier=0.0, max_grad_norm=c, sample_rate=q)
         generator = torch.Generator().manual_seed(seed)
         train_classifier(
             model, units, dp=dp, steps=1, lr=lr, device=CPU, generator=generator,
@@ -190,7 +192,7 @@ def test_noise_std_is_sigma_c_over_expected_batch(classifier, secure_rng):
     runs = []
     for noise in (0.0, sigma):
         model = copy.deepcopy(classifier)
-        dp = DPParams(noise_multiplier=noise, max_grad_norm=c, sample_rate=q)
+        dp = DPSettings.allowing_noise_off(noise_multiplier=noise, max_grad_norm=c, sample_rate=q)
         train_classifier(
             model,
             units,
@@ -214,7 +216,9 @@ def test_empty_draw_still_adds_noise(detector, secure_rng):
     for noise, changed in ((0.0, False), (1.0, True)):
         model = copy.deepcopy(detector)
         before = _flat(model)
-        dp = DPParams(noise_multiplier=noise, max_grad_norm=1.0, sample_rate=1e-9)
+        dp = DPSettings.allowing_noise_off(
+            noise_multiplier=noise, max_grad_norm=1.0, sample_rate=1e-9
+        )
         record = train_detector(
             model,
             units,
@@ -249,7 +253,7 @@ def test_poisson_sampling_mean_is_q_n(secure_rng):
 def test_training_leaves_no_opacus_traces(classifier):
     model = copy.deepcopy(classifier)
     keys = list(model.state_dict())
-    dp = DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=1.0)
     train_classifier(
         model,
         _classifier_units([1, 2]),
@@ -269,14 +273,23 @@ def test_training_leaves_no_opacus_traces(classifier):
         assert not hasattr(p, "grad_sample") and not hasattr(p, "summed_grad")
 
 
-def test_dp_params_are_keyword_only_and_checked():
+def test_dp_settings_are_keyword_only_and_checked_by_one_rule():
     with pytest.raises(TypeError):
-        DPParams(1.0, 1.0, 0.1)  # type: ignore[misc]
+        DPSettings(1.0, 1.0, 0.1)  # type: ignore[misc]
     for bad in (
         {"noise_multiplier": -1.0, "max_grad_norm": 1.0, "sample_rate": 0.1},
+        {"noise_multiplier": math.inf, "max_grad_norm": 1.0, "sample_rate": 0.1},
         {"noise_multiplier": 1.0, "max_grad_norm": 0.0, "sample_rate": 0.1},
         {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 0.0},
         {"noise_multiplier": 1.0, "max_grad_norm": 1.0, "sample_rate": 1.5},
     ):
-        with pytest.raises(PrivacyError):
-            DPParams(**bad)
+        field = next(k for k, v in bad.items() if v != 1.0)
+        with pytest.raises(ValidationError, match=field):
+            DPSettings(**bad)
+        with pytest.raises(PrivacyError, match=field):
+            DPSettings.allowing_noise_off(**bad)
+    # sigma = 0 (the noise off) only where asked for by name.
+    with pytest.raises(ValidationError, match="noise_multiplier"):
+        DPSettings(noise_multiplier=NOISE_OFF, max_grad_norm=1.0, sample_rate=0.1)
+    off = DPSettings.allowing_noise_off(noise_multiplier=0.0, max_grad_norm=1.0, sample_rate=0.1)
+    assert off.noise_multiplier == NOISE_OFF

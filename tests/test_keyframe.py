@@ -27,12 +27,10 @@ from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
 
-from client.dp import DPParams
 from client.ingest import ingest
 from client.site import SiteClient
 from client.train import train_keyframe
 from common.config import (
-    ModelPrivacy,
     SiteConfig,
     SiteIdentity,
     SitePrivacy,
@@ -65,6 +63,7 @@ from common.models.keyframe import build_keyframe_model
 from common.models.loading import load_bundle_dir, save_bundle_dir
 from common.models.presets import get_preset
 from common.privacy.ledger import LEDGER_FILE
+from common.privacy.settings import DPSettings
 from deploy.metrics_cli import metrics_app
 from deploy.predict_cli import predict_app
 from deploy.registry import load_model
@@ -288,7 +287,7 @@ def test_dp_step_at_zero_noise_is_the_mean_of_clipped_patient_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in reference.parameters()]))
     c = sorted(float(g.norm()) for g in grads)[1]  # the largest is clipped, the smallest not
     before = _flat(model)
-    dp = DPParams(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
+    dp = DPSettings.allowing_noise_off(noise_multiplier=0.0, max_grad_norm=c, sample_rate=1.0)
     # Four images per pass: the third patient's images straddle two passes.
     record = train_keyframe(
         model, units, dp=dp, steps=1, lr=1.0, device=CPU,
@@ -357,7 +356,7 @@ def _site_config(folder: Path, data: Path, name: str, *, keyframe: bool = True) 
     """A site config with every privacy value stated; a [privacy.keyframe] section or not."""
     folder.mkdir(parents=True, exist_ok=True)
     create_signing_key(folder / "keys", site=name)
-    model = ModelPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
+    model = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
     config = SiteConfig(
         site=SiteIdentity(name=name, data=data, state=Path("state"), device="cpu", threads=1),
         privacy=SitePrivacy(
@@ -440,7 +439,7 @@ def test_busi_still_images_without_boxes_train_the_comparator(tmp_path):
     torch.manual_seed(0)
     record = train_keyframe(
         build_keyframe_model(TINY.keyframe), units, device=CPU, steps=1, lr=0.05,
-        dp=DPParams(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5),
+        dp=DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5),
         generator=torch.Generator().manual_seed(0), secure_rng=True,
     )  # fmt: skip
     assert record.n_units == 6 and record.model == "keyframe"

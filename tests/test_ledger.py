@@ -15,7 +15,6 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from common.config import ModelPrivacy
 from common.errors import ConfigError, DataError, PrivacyError, UsageError
 from common.keys import (
     create_node_keys,
@@ -34,6 +33,7 @@ from common.privacy.ledger import (
     line_hash,
     signature_valid,
 )
+from common.privacy.settings import DPSettings
 from deploy.audit.verify import verify_ledger
 
 DELTA = 1e-5
@@ -42,8 +42,8 @@ BUDGET = 5.0
 STEPS = 3
 N_PATIENTS = 40
 MODELS = {
-    "detector": ModelPrivacy(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3),
-    "classifier": ModelPrivacy(noise_multiplier=1.3, max_grad_norm=0.5, sample_rate=0.25),
+    "detector": DPSettings(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3),
+    "classifier": DPSettings(noise_multiplier=1.3, max_grad_norm=0.5, sample_rate=0.25),
 }
 FIELDS = {
     "site", "run_id", "round", "model", "privacy_unit", "n_units", "sample_rate",
@@ -107,9 +107,7 @@ class SimulatedSite:
                 )
             ledger.append(
                 run_id=run_id, round=round_, model=model, privacy_unit="patient",
-                n_units=N_PATIENTS, sample_rate=dp.sample_rate,
-                noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
-                steps=steps, delta=DELTA, accountant=accountant.kind,
+                n_units=N_PATIENTS, dp=dp, steps=steps, delta=DELTA, accountant=accountant.kind,
                 epsilon_round=epsilon_round, epsilon_total=accountant.epsilon(DELTA),
                 budget=self.budget, status="refused" if refused else "trained",
                 noise_source="chacha20-csprng",
@@ -140,11 +138,9 @@ def copy_site(site: SimulatedSite, root: Path) -> SimulatedSite:
 
 def refusal(last: LedgerEntry, round_: int, model: str) -> dict[str, Any]:
     """``append`` fields of a refusal after ``last``: it spends nothing, so needs no accounting."""
-    dp = MODELS[model]
     return dict(
         run_id=last.run_id, round=round_, model=model, privacy_unit="patient",
-        n_units=N_PATIENTS, sample_rate=dp.sample_rate, noise_multiplier=dp.noise_multiplier,
-        max_grad_norm=dp.max_grad_norm, steps=0, delta=DELTA, accountant=last.accountant,
+        n_units=N_PATIENTS, dp=MODELS[model], steps=0, delta=DELTA, accountant=last.accountant,
         epsilon_round=0.0, epsilon_total=last.epsilon_total, budget=last.budget,
         status="refused", noise_source="chacha20-csprng",
     )  # fmt: skip
@@ -282,7 +278,10 @@ def test_invalid_entries_are_refused_and_nothing_is_written(simulated, tmp_path)
     fields = good.unsigned()
     for key in ("site", "time", "prev_hash"):
         del fields[key]
-    for bad in ({"sample_rate": 1.5}, {"status": "trained"}, {"epsilon_total": float("inf")}):
+    fields["dp"] = DPSettings(**{k: fields.pop(k) for k in DPSettings.model_fields})
+    # The entry checks sigma, C and q by the settings' rule even if they skipped it.
+    unchecked = DPSettings.model_construct(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0)
+    for bad in ({"dp": unchecked}, {"status": "trained"}, {"epsilon_total": float("inf")}):
         with pytest.raises(PrivacyError, match="ledger entry refused"):
             site.ledger().append(**{**fields, "round": 4, **bad})
     assert site.ledger_path.read_bytes() == before

@@ -17,7 +17,6 @@ import torch
 from rich.console import Console
 
 from client import secure_rng
-from client.dp import DPParams
 from client.secure_rng import NOISE_DRAWS, ChaCha20Random
 from client.site import EVENTS_FILE, SiteClient
 from client.train import train_classifier
@@ -34,6 +33,7 @@ from common.privacy.ledger import (
     line_hash,
     sign,
 )
+from common.privacy.settings import DPSettings
 from deploy.audit.report import write_report
 from deploy.audit.verify import AuditResult, verify_ledger
 from deploy.demo import DemoSettings, prepare_sites
@@ -70,7 +70,8 @@ def train_once(classifier: torch.nn.Module, *, secure_rng: bool, **dp: float) ->
     model.load_state_dict(classifier.state_dict())
     settings = {"noise_multiplier": 1.0, "max_grad_norm": 0.1, "sample_rate": 1.0, **dp}
     train_classifier(
-        model, _classifier_units([1, 2, 1]), dp=DPParams(**settings), steps=1, lr=1.0,
+        model, _classifier_units([1, 2, 1]), dp=DPSettings.allowing_noise_off(**settings),
+        steps=1, lr=1.0,
         device=CPU, generator=torch.Generator().manual_seed(5), secure_rng=secure_rng,
     )  # fmt: skip
     return _flat(model)
@@ -100,7 +101,7 @@ def test_the_csprng_draws_every_sample_and_all_the_noise(classifier, monkeypatch
     seeded_state, global_state = generator.get_state(), torch.get_rng_state()
     numels = [p.numel() for p in model.parameters()]
     units, steps = _classifier_units([1, 2, 1]), 2
-    dp = DPParams(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=0.5)
+    dp = DPSettings(noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=0.5)
     record = train_classifier(
         model, units, dp=dp, steps=steps, lr=1.0, device=CPU, generator=generator,
         secure_rng=True,

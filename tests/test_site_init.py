@@ -12,6 +12,7 @@ from client.cli import site_app
 from common.config import load_site_config
 from common.keys import load_signing_key, load_verify_key
 from common.privacy.ledger import PrivacyLedger
+from common.privacy.settings import DPSettings
 from deploy.audit.verify import verify_ledger
 
 runner = CliRunner()
@@ -83,7 +84,8 @@ def test_the_ledger_key_from_init_signs_what_the_auditor_verifies(tmp_path):
     )
     ledger.append(
         run_id="run-1", round=1, model="detector", privacy_unit="patient", n_units=40,
-        sample_rate=0.3, noise_multiplier=1.5, max_grad_norm=1.0, steps=0, delta=1e-5,
+        dp=DPSettings(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3), steps=0,
+        delta=1e-5,
         accountant="rdp", epsilon_round=0.0, epsilon_total=0.0, budget=8.0, status="refused",
         noise_source="chacha20-csprng",
     )  # fmt: skip

@@ -11,7 +11,6 @@ import torch
 from torch import nn
 
 from common.config import (
-    ModelPrivacy,
     SiteConfig,
     SiteIdentity,
     SitePrivacy,
@@ -27,6 +26,7 @@ from common.models.presets import get_preset
 from common.pipeline.config import PipelineConfig, PreprocessConfig
 from common.pipeline.preprocess import preprocess_frames
 from common.pipeline.run import detector_clip_windows
+from common.privacy.settings import DPSettings
 
 TINY = get_preset("tiny")
 CLIP_LEN, CLIP_SIZE = TINY.classifier.clip_len, TINY.classifier.clip_size
@@ -168,7 +168,7 @@ def test_preprocess_applies_to_detector_frames_and_clips(site):
 
 
 def _site_config(tmp_path: Path, fraction: float) -> SiteConfig:
-    model = ModelPrivacy(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
+    model = DPSettings(noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5)
     return SiteConfig(
         site=SiteIdentity(name="s", data=tmp_path, state=tmp_path, device="cpu", threads=1),
         privacy=SitePrivacy(

@@ -15,10 +15,14 @@ from typing import Any, Literal
 import dp_accounting
 from absl import logging as absl_logging
 from opacus.accountants import PRVAccountant, RDPAccountant
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.errors import DataError, PrivacyError
+from common.errors import DataError, PrivacyError, validation_problems
 from common.files import write_atomic
+from common.privacy.settings import ALLOW_NOISE_OFF, NoiseMultiplier, SampleRate
 
+# Where a site saves its accountant, in its state folder.
+ACCOUNTANT_FILE = "accountant.json"
 AccountantKind = Literal["rdp", "prv"]
 Mechanism = tuple[float, float, int]  # (noise_multiplier, sample_rate, steps)
 
@@ -93,19 +97,29 @@ class SiteAccountant:
         return accountant
 
 
+class _Mechanism(BaseModel):
+    """One (sigma, q, steps) to compose, checked by the rule of ``DPSettings``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    noise_multiplier: NoiseMultiplier
+    sample_rate: SampleRate
+    steps: int = Field(ge=0, strict=False)
+
+
 def _compose(history: list[Mechanism], extra: list[Mechanism]) -> list[Mechanism]:
     """History with ``extra`` appended, merging runs of the same (sigma, q) as Opacus does."""
     out = list(history)
     for noise_multiplier, sample_rate, steps in extra:
-        if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-            raise PrivacyError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier}")
-        if not 0 <= sample_rate <= 1:
-            raise PrivacyError(f"sample_rate must be in [0, 1], got {sample_rate}")
-        if int(steps) != steps or steps < 0:
-            raise PrivacyError(f"steps must be a non-negative integer, got {steps}")
-        if steps == 0 or sample_rate == 0:
+        values = {"noise_multiplier": noise_multiplier, "sample_rate": sample_rate, "steps": steps}
+        try:
+            # The settings' own rule; NOISE_OFF is composed too (epsilon is then infinite).
+            checked = _Mechanism.model_validate(values, context=ALLOW_NOISE_OFF)
+        except ValidationError as exc:
+            raise PrivacyError("; ".join(validation_problems(exc))) from exc
+        if checked.steps == 0:
             continue  # touches no patient's data
-        mechanism = (float(noise_multiplier), float(sample_rate), int(steps))
+        mechanism = (checked.noise_multiplier, checked.sample_rate, checked.steps)
         if out and out[-1][:2] == mechanism[:2]:
             out[-1] = (*mechanism[:2], out[-1][2] + mechanism[2])
         else:

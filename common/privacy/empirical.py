@@ -29,6 +29,7 @@ from scipy.stats import binom
 
 from common.errors import PrivacyError, UsageError, validation_problems
 from common.privacy.ledger import NoiseSource
+from common.privacy.settings import NOISE_OFF, ClipNorm, SampleRate
 
 # The paper's binary search: 30 halvings after the bracket is found.
 BISECTION_STEPS = 30
@@ -136,9 +137,10 @@ class EmpiricalAudit(_Strict):
     epsilon_lower_bound: float = Field(ge=0)
     epsilon_claimed: float | None = Field(ge=0)
     accountant: Literal["rdp", "prv"]
-    noise_multiplier: float = Field(ge=0)
-    max_grad_norm: float = Field(gt=0)
-    sample_rate: float = Field(gt=0, le=1)
+    # The settings' rule; sigma may also be NOISE_OFF here, the record of a power check.
+    noise_multiplier: float = Field(ge=NOISE_OFF)
+    max_grad_norm: ClipNorm
+    sample_rate: SampleRate
     steps: int = Field(ge=1)
     learning_rate: float = Field(gt=0)
     noise_source: NoiseSource = Field(description="the randomness of the noise and sampling")

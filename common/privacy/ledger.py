@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.errors import DataError, PrivacyError, validation_problems
+from common.privacy.settings import ClipNorm, DPSettings, NoiseMultiplier, SampleRate
 
 LEDGER_FILE = "privacy-ledger.jsonl"
 # The fit metric that carries a round's entries (a JSON list) from the site to the server.
@@ -75,9 +76,10 @@ class UnsignedEntry(BaseModel):
     )
     privacy_unit: Literal["patient"]
     n_units: int = Field(ge=0, description="privacy units (patients) in the training set")
-    sample_rate: float = Field(ge=0, le=1, description="q, Poisson rate of patients per step")
-    noise_multiplier: float = Field(gt=0, description="sigma, noise std / clip norm")
-    max_grad_norm: float = Field(gt=0, description="C, per-patient gradient clip norm")
+    # One rule for sigma, C and q, the site config's (``common.privacy.settings``).
+    sample_rate: SampleRate
+    noise_multiplier: NoiseMultiplier
+    max_grad_norm: ClipNorm
     steps: int = Field(ge=0, description="noisy steps run with this q and sigma")
     delta: float = Field(gt=0, lt=1)
     accountant: Literal["rdp", "prv"]
@@ -191,9 +193,7 @@ class PrivacyLedger:
         model: str,
         privacy_unit: Literal["patient"],
         n_units: int,
-        sample_rate: float,
-        noise_multiplier: float,
-        max_grad_norm: float,
+        dp: DPSettings,
         steps: int,
         delta: float,
         accountant: Literal["rdp", "prv"],
@@ -205,7 +205,9 @@ class PrivacyLedger:
     ) -> LedgerEntry:
         """Sign and durably append one entry; ``site``, ``time`` and ``prev_hash`` are filled.
 
-        ``noise_source`` is the site's setting, also on a refusal (which draws nothing).
+        ``dp`` (sigma, C, q) fills the entry's ``noise_multiplier``, ``max_grad_norm`` and
+        ``sample_rate``. ``noise_source`` is the site's setting, also on a refusal (which
+        draws nothing).
 
         The entry is on disk (fsynced) when this returns.
 
@@ -218,8 +220,7 @@ class PrivacyLedger:
         """
         fields: dict[str, Any] = {
             "site": self.site, "run_id": run_id, "round": round, "model": model,
-            "privacy_unit": privacy_unit, "n_units": n_units, "sample_rate": sample_rate,
-            "noise_multiplier": noise_multiplier, "max_grad_norm": max_grad_norm,
+            "privacy_unit": privacy_unit, "n_units": n_units, **dp.model_dump(),
             "steps": steps, "delta": delta, "accountant": accountant,
             "epsilon_round": epsilon_round, "epsilon_total": epsilon_total, "budget": budget,
             "status": status, "noise_source": noise_source,

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
-from client.dp import SECURE_NOISE, DPParams
+from client.dp import SECURE_NOISE
 from client.train import train_keyframe
 from common.data.keyframes import KeyFrameUnit, build_keyframe_units
 from common.data.manifest import load_site
@@ -47,6 +47,7 @@ from common.models.bundle import build_bundle
 from common.models.presets import get_preset
 from common.privacy.accountant import AccountantKind, SiteAccountant
 from common.privacy.empirical import EmpiricalAudit, epsilon_lower_bound, guesses_per_side
+from common.privacy.settings import DPSettings
 from deploy.synth import generate_site
 
 PRESET = "tiny"  # the rehearsal runs on CPU; the mechanism does not depend on the size
@@ -97,7 +98,7 @@ class AuditPlan:
     seed: int
 
     def __post_init__(self) -> None:
-        self.dp  # noqa: B018  # DPParams names a bad sigma, C or q
+        self.dp  # noqa: B018  # DPSettings names a bad sigma, C or q
         if not 0 < self.delta < 1:
             raise PrivacyError(f"delta must be in (0, 1), got {self.delta}")
         if not 0 < self.confidence < 1:
@@ -108,8 +109,8 @@ class AuditPlan:
             raise UsageError(f"steps must be >= 1, got {self.steps}")
 
     @property
-    def dp(self) -> DPParams:
-        return DPParams(
+    def dp(self) -> DPSettings:
+        return DPSettings.allowing_noise_off(
             noise_multiplier=self.noise_multiplier,
             max_grad_norm=self.max_grad_norm,
             sample_rate=self.sample_rate,
