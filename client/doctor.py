@@ -387,7 +387,7 @@ def check_enrolment() -> Check:
 
 
 def check_budget(config: SiteConfig) -> Check:
-    # Late: the accountant pulls in Opacus and dp-accounting, the file name Flower.
+    # Late: the accountant pulls in Opacus and dp-accounting.
     from common.privacy.accountant import ACCOUNTANT_FILE, SiteAccountant
 
     privacy = config.privacy
