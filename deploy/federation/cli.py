@@ -2,7 +2,8 @@
 
 ``federation_app`` is a Typer group; the top-level ``busfed`` command mounts it as
 ``federation``. The logic is in the other modules of ``deploy.federation``; this module
-parses, prints and maps errors to exit codes.
+parses, prints and maps errors to exit codes. It is a little over 500 lines because it is
+nine commands' options and help texts, which read best in the order `--help` lists them.
 """
 
 from __future__ import annotations
