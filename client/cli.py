@@ -232,8 +232,9 @@ def _site_config(raw: dict[str, Any]) -> SiteConfig:
 
 INGEST_HELP = (
     "Build the de-identified site dataset OUT from a hospital export SRC: videos (AVI, MP4, "
-    "...) with an annotation CSV, or with --key-frames label folders of images "
-    "(SRC/benign, SRC/malignant, SRC/normal).\n\n"
+    "...) with an annotation CSV, or with --key-frames images in label folders (SRC/benign, "
+    "SRC/malignant, SRC/normal) or anywhere under SRC with a label in the annotation "
+    "CSV.\n\n"
     "Annotation CSV columns: file, patient_id, label (benign | malignant) and the optional "
     "birads, age, lesion_size_mm, vendor, split (blank split: drawn per patient). Box CSV "
     "(--boxes, default boxes.csv beside the annotations): file, frame, x1, y1, x2, y2 in "
@@ -273,7 +274,9 @@ def ingest(
     key_frames: Annotated[
         bool,
         typer.Option(
-            "--key-frames", help="SRC holds label folders of key-frame images, not videos."
+            "--key-frames",
+            help="SRC holds key-frame images (in label folders, or labelled by the "
+            "annotations), not videos.",
         ),
     ] = False,
 ) -> None:

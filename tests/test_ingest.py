@@ -318,7 +318,9 @@ def test_key_frames_become_one_frame_videos(tmp_path, synth):
 
     site = load_site(tmp_path / "site")
     assert site.problems == [] and len(site.rows) == report.videos == 4
-    assert [r.file for r in report.rejected] == ["stray.png"]
+    # The annotations list the loose images: stray.png is not one, and is counted.
+    assert report.rejected == []
+    assert any("1 image(s)" in w and "stray.png" in w for w in report.warnings)
     assert {row.label for row in site.rows} == {"benign", "malignant"}
     assert {row.birads for row in site.rows if row.label == "benign"} >= {"1"}
     for row in site.rows:
@@ -350,3 +352,84 @@ def test_busi_key_frames(tmp_path):
         frames = read_video(site.path(row))
         assert frames.shape[0] == 1 and frames.mean() > 20  # real texture, not blacked out
     assert checksums(BUSI / "normal") == before
+
+
+def test_key_frames_labelled_by_their_rows_and_each_bad_row_named(tmp_path, synth):
+    """Images in one folder, labels in the table; each bad row costs its file(s) only."""
+    frame = read_video(sorted((synth / "videos").glob("*.mp4"))[0])[3]  # 64 x 64
+    src = tmp_path / "export"
+    for name in ("a", "b", "c", "d", "e", "f", "g", "h", "loose", "benign/i", "normal/j"):
+        path = src / ("" if "/" in name else "Images") / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(frame).save(path)
+    rows = [
+        ("file", "patient_id", "label", "birads", "vendor", "split"),
+        ("Images/a.png", "MRN-1", "benign", "3", "ge-logiq7", "train"),  # line 2
+        ("Images/b.png", "MRN-1", "malignant", "5", "ge-logiq7", "train"),
+        ("Images/c.png", "MRN-2", "maybe", "", "", "train"),  # line 4: unknown label
+        ("Images/d.png", "MRN-3", "benign", "", "", "train"),  # box outside the image
+        ("Images/e.png", "MRN-4", "benign", "", "", "train"),  # line 6: MRN-4 in two splits
+        ("Images/f.png", "MRN-4", "benign", "", "", "test"),  # line 7
+        ("Images/g.png", "MRN-5", "benign", "", "", "train"),  # line 8
+        ("Images/g.png", "MRN-5", "benign", "", "", "train"),  # line 9: duplicated
+        ("Images/h.png", "MRN-6", "", "", "", "train"),  # line 10: no label, no folder
+        ("benign/i.png", "MRN-7", "malignant", "", "", "train"),  # line 11: not its folder
+        ("normal/j.png", "MRN-8", "normal", "", "", "val"),
+    ]
+    write_csv(tmp_path / "annotations.csv", rows)
+    write_csv(
+        tmp_path / "boxes.csv",
+        [
+            ("file", "frame", "x1", "y1", "x2", "y2"),
+            ("Images/a.png", 0, 40, 30, 64, 64),  # touches the border: valid
+            ("Images/b.png", 0, 10, 12, 30, 40),
+            ("Images/d.png", 0, 10, 10, 65, 20),  # line 4: x2 > width
+        ],
+    )
+
+    report = ingest(
+        src, tmp_path / "site", secret=SECRET, annotations=tmp_path / "annotations.csv",
+        boxes=tmp_path / "boxes.csv", key_frames=True,
+    )  # fmt: skip
+
+    reasons = {r.file: r.reason for r in report.rejected}
+    assert reasons == {
+        "Images/c.png": reasons["Images/c.png"],
+        "Images/d.png": "boxes.csv line 4, field x2: box outside the frame (x2 = 65, frame "
+        "is 64 x 64)",
+        "Images/e.png": reasons["Images/e.png"],
+        "Images/f.png": reasons["Images/f.png"],
+        "Images/g.png": "annotations.csv line 9, field file: annotated twice (lines 8 and 9); "
+        "keep one row",
+        "Images/h.png": reasons["Images/h.png"],
+        "benign/i.png": reasons["benign/i.png"],
+    }
+    assert reasons["Images/c.png"].startswith("annotations.csv line 4, field label:")
+    assert "'maybe'" in reasons["Images/c.png"]
+    assert reasons["Images/e.png"].startswith("annotations.csv line 6, field split:")
+    assert reasons["Images/f.png"].startswith("annotations.csv line 7, field split:")
+    assert reasons["Images/h.png"].startswith("annotations.csv line 10, field label: empty")
+    assert reasons["benign/i.png"].startswith("annotations.csv line 11, field label:")
+    assert any("Images/loose.png" in w for w in report.warnings)
+
+    site = load_site(tmp_path / "site")
+    assert site.problems == [] and len(site.rows) == report.videos == 3
+    by_patient = site.patients()
+    assert set(by_patient) == {pseudonymise(p, SECRET) for p in ("MRN-1", "MRN-8")}
+    one = by_patient[pseudonymise("MRN-1", SECRET)]
+    assert sorted((r.label, r.birads, r.vendor) for r in one) == [
+        ("benign", "3", "ge-logiq7"),
+        ("malignant", "5", "ge-logiq7"),
+    ]
+    normal = by_patient[pseudonymise("MRN-8", SECRET)][0]
+    assert (normal.label, normal.birads, normal.split) == ("benign", "1", "val")
+    boxes = sorted(tuple(b[0]) for b in site.boxes.values())
+    assert boxes == [(10, 12, 30, 40), (40, 30, 64, 64)]
+
+    # Without annotations, a loose image has nothing to label it: rejected, named.
+    alone = ingest(
+        src, tmp_path / "alone", secret=SECRET, annotations=None, boxes=None, key_frames=True
+    )
+    loose = {r.file: r.reason for r in alone.rejected}
+    assert alone.videos == 2 and len(loose) == 9
+    assert "not in a label folder" in loose["Images/loose.png"]

@@ -15,16 +15,32 @@ Two kinds of export are read:
   columns ``file, frame, x1, y1, x2, y2``: 0-based frame index and pixel edges in the
   source video's frames (``0 <= x1 < x2 <= width``). Videos without boxes are kept.
 
-**Key frames** (``--key-frames``): still images sorted by label, as BUSI is laid out:
-``SRC/benign/*``, ``SRC/malignant/*`` and ``SRC/normal/*`` (PNG, JPEG, BMP or TIFF; a
-``normal`` image becomes ``benign`` with BI-RADS ``1``, as for a normal sweep). Each image
-becomes a one-frame video, which ``load_site`` reads like any other (the 2D key-frame
-model's input; the video classifier needs 8 frames and skips them). The annotation CSV is
-optional here: a row may give the patient, BI-RADS, age, size, vendor and split of an
-image (``file`` as ``benign/x.png``; a ``label``, if given, must match the folder). An
-image without a ``patient_id`` counts as its own patient, which overstates the number
-of patients if one woman has several images: the summary warns, since the privacy unit
-is the patient.
+**Key frames** (``--key-frames``): still images (PNG, JPEG, BMP or TIFF), each labelled
+in one of two ways:
+
+- by its folder, as BUSI is laid out: ``SRC/benign/*``, ``SRC/malignant/*`` and
+  ``SRC/normal/*`` (a ``normal`` image becomes ``benign`` with BI-RADS ``1``, as for a
+  normal sweep); an annotation row is optional, and its ``label``, if given, must agree
+  with the folder;
+- by its row in the annotation CSV, as BUS-BRA and many archives keep one folder of images
+  and the labels in a table: the image may be anywhere under ``SRC`` and the row's
+  ``label`` (``benign``, ``malignant`` or ``normal``) labels it.
+
+The annotation CSV has the videos' columns (only ``file`` is required here; ``file`` as
+``benign/x.png`` or ``Images/bus_0001-l.png``). An image in no label folder whose row has
+no label is rejected, naming the row; without ``--annotations`` such an image is rejected
+too. With ``--annotations``, the CSV lists the export's loose images: other images outside
+the label folders (masks, another site's images) are left out and counted in one warning.
+The box CSV is the videos' (``frame`` = 0 for a still), its boxes checked against the real
+image size (``x2 == width`` is the border, and valid). Each image becomes a one-frame video,
+which ``load_site`` reads like any other (the 2D key-frame model's input, cropped around its
+box; the video classifier needs 8 frames and skips them). An image without a
+``patient_id`` counts as its own patient, which overstates the number of patients if one
+woman has several images: the summary warns, since the privacy unit is the patient.
+
+Bad rows are skipped, each rejected file named with the CSV, line and field (a label
+outside the schema, a box outside the image, a patient found in two splits, a file
+annotated twice); the rest of the export is ingested.
 
 The output ``--out`` is a site dataset (``common.data.manifest``): ``manifest.csv``,
 ``boxes.csv`` and ``videos/<hash>.mp4`` (H.264, metadata-free, burned-in text masked,

@@ -57,6 +57,7 @@ class Plan:
     key: str
     row: dict[str, Any]
     boxes: list[tuple[int, FileBox]]  # (line in the box file, box)
+    where: str  # its annotation row ("annotations.csv line 7"), or the file without one
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[tuple[int, dict[str, str]]]:
@@ -110,7 +111,8 @@ def read_annotations(
             continue
         if file in rows:
             rejected[file] = (
-                f"annotated twice in {path.name} (lines {rows[file][0]} and {line}); keep one row"
+                f"{path.name} line {line}, field file: annotated twice (lines {rows[file][0]} "
+                f"and {line}); keep one row"
             )
             continue
         rows[file] = (line, record)
@@ -147,27 +149,20 @@ def _is_number(value: str, column: str) -> bool:
     return True
 
 
-def sources(src: Path, *, key_frames: bool) -> tuple[list[str], list[Rejected]]:
-    """Source files relative to ``src``, sorted; in key-frame mode, misplaced images."""
-    if not key_frames:
-        files = [
-            p.relative_to(src).as_posix()
-            for p in src.rglob("*")
-            if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES
-        ]
-        return sorted(files), []
-    files, misplaced = [], []
-    for p in src.rglob("*"):
-        if not (p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES):
-            continue
-        file = p.relative_to(src).as_posix()
-        if file.split("/", 1)[0] in KEY_FRAME_FOLDERS and "/" in file:
-            files.append(file)
-        else:
-            misplaced.append(
-                Rejected(file, f"not in a label folder ({', '.join(KEY_FRAME_FOLDERS)}) under SRC")
-            )
-    return sorted(files), sorted(misplaced, key=lambda r: r.file)
+def sources(src: Path, *, key_frames: bool) -> list[str]:
+    """Source files (videos, or ``key_frames`` images) anywhere under ``src``, relative, sorted."""
+    suffixes = IMAGE_SUFFIXES if key_frames else VIDEO_SUFFIXES
+    return sorted(
+        p.relative_to(src).as_posix()
+        for p in src.rglob("*")
+        if p.is_file() and p.suffix.lower() in suffixes
+    )
+
+
+def label_folder(file: str) -> str | None:
+    """The key-frame label folder (``benign``, ``malignant``, ``normal``) a file is in, if any."""
+    folder, _, rest = file.partition("/")
+    return folder if rest and folder in KEY_FRAME_FOLDERS else None
 
 
 def _derived_split(pseudonym: str) -> str:
@@ -194,11 +189,22 @@ def validate_row(
     raw = {k: (record or {}).get(k, "") for k in ("patient_id", "label", *ANNOTATION_OPTIONAL)}
     derived_patient = False
     if key_frames:
-        label, birads = KEY_FRAME_FOLDERS[file.split("/", 1)[0]]
-        if raw["label"] and raw["label"] != label:
+        # A row's "normal" reads as the folder does: benign, BI-RADS 1 unless given.
+        given = KEY_FRAME_FOLDERS.get(raw["label"], (raw["label"], None))
+        folder = label_folder(file)
+        if folder is not None:
+            label, birads = KEY_FRAME_FOLDERS[folder]
+            if raw["label"] and given[0] != label:
+                raise Reject(
+                    f"{where}, field label: {raw['label']!r} disagrees with the folder "
+                    f"({folder} = {label})"
+                )
+        elif raw["label"]:
+            label, birads = given  # an unknown label is refused by the schema below
+        else:
             raise Reject(
-                f"{where}, field label: {raw['label']!r} disagrees with the folder "
-                f"({file.split('/', 1)[0]} = {label})"
+                f"{where}, field label: empty, and the image is not in a label folder "
+                f"({', '.join(KEY_FRAME_FOLDERS)}) under SRC"
             )
         raw["label"] = label
         raw["birads"] = raw["birads"] or (birads or "")
@@ -231,8 +237,8 @@ def drop_split_leaks(plans: list[Plan], rejected: dict[str, str]) -> list[Plan]:
         seen = splits[plan.row["patient_id"]]
         if len(seen) > 1:
             rejected[plan.file] = (
-                f"field split: this patient's files are in more than one split "
-                f"({', '.join(sorted(seen))}); give them one"
+                f"{plan.where}, field split: this patient's files are in more than one "
+                f"split ({', '.join(sorted(seen))}); give them one"
             )
         else:
             kept.append(plan)

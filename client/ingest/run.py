@@ -19,6 +19,7 @@ from client.ingest.export import (
     Reject,
     Rejected,
     drop_split_leaks,
+    label_folder,
     read_annotations,
     read_boxes,
     sources,
@@ -152,7 +153,8 @@ def ingest(
     Parameters
     ----------
     src : Path
-        The export: videos anywhere below it, or (``key_frames``) label folders of images.
+        The export: videos anywhere below it, or (``key_frames``) images in label folders
+        or anywhere with a label in ``annotations``.
     out : Path
         The site dataset folder; created, or one an earlier ingest wrote.
     secret : bytes
@@ -162,7 +164,7 @@ def ingest(
     boxes : Path or None
         Box CSV; None reads ``boxes.csv`` beside ``annotations`` if it exists.
     key_frames : bool
-        Read ``src`` as label folders of key-frame images.
+        Read ``src`` as key-frame images (see the module docstring), not videos.
     progress : callable, optional
         ``progress(done, total)`` after each file is looked at.
 
@@ -191,8 +193,7 @@ def ingest(
     )
     file_boxes = read_boxes(boxes, early) if boxes is not None else {}
     boxes_name = boxes.name if boxes is not None else "boxes.csv"
-    files, misplaced = sources(src, key_frames=key_frames)
-    report.rejected += misplaced
+    files = sources(src, key_frames=key_frames)
     present = set(files)
     annotations_name = annotations.name if annotations is not None else "annotations"
     for file, (line, _) in rows.items():
@@ -207,12 +208,17 @@ def ingest(
 
     plans: list[Plan] = []
     derived = 0
+    unlisted: list[str] = []
     for file in files:
         if file in early:
             continue
         record = rows.get(file)
         if record is None and not key_frames:
             early[file] = f"no row for this file in {annotations_name}"
+            continue
+        if record is None and annotations is not None and label_folder(file) is None:
+            # The annotations say which loose images are the export (not masks, say).
+            unlisted.append(file)
             continue
         where = f"{annotations_name} line {record[0]}" if record else file
         try:
@@ -224,9 +230,14 @@ def ingest(
             continue
         derived += was_derived
         key = deid.keyed_hash(secret, "file", file)[:32]
-        plans.append(Plan(file, src / file, key, fields, file_boxes.get(file, [])))
+        plans.append(Plan(file, src / file, key, fields, file_boxes.get(file, []), where))
     plans = drop_split_leaks(plans, early)
     report.rejected += [Rejected(file, reason) for file, reason in early.items()]
+    if unlisted:
+        report.warnings.append(
+            f"{len(unlisted)} image(s) under SRC are in no label folder and not in "
+            f"{annotations_name}; left out (first: {unlisted[0]})"
+        )
     if derived:
         report.warnings.append(
             f"{derived} image(s) have no patient_id and count as one patient each; if a "
