@@ -121,3 +121,37 @@ def test_a_key_frame_site_trains_and_validates_the_detector(
     assert val["val_boxes"] == val["val_images"]  # one lesion per BUS-BRA image
     recall, ap = float(val["detector_val_recall50"]), float(val["detector_val_ap50"])
     assert 0.0 <= ap <= recall <= 1.0
+
+
+def test_busfed_evaluate_a_detector_model(busbra_site: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from deploy.predict_cli import predict_app
+
+    bundle = build_bundle("tiny", seed=0, model="detector")
+    save_bundle_dir(bundle, tmp_path / "model", {**model_card(bundle), "round": 1})
+    args = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(busbra_site)]
+    result = CliRunner().invoke(
+        predict_app, [*args, "--out", str(tmp_path / "out"), "--split", "val"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "recall@0.5" in result.output and "AP@0.5" in result.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["n_patients"] == 3 and metrics["n_boxes"] == metrics["n_images"] >= 3
+    assert metrics["bootstrap"] == {"unit": "patient", "resamples": 1000, "seed": 0}
+    low, high = metrics["recall_ci95"]
+    assert low <= metrics["recall"] <= high
+    assert metrics["model"]["card"]["model"] == "detector"
+    # The same seed, the same interval.
+    again = CliRunner().invoke(
+        predict_app, [*args, "--out", str(tmp_path / "again"), "--split", "val"]
+    )
+    assert again.exit_code == 0
+    assert json.loads((tmp_path / "again" / "metrics.json").read_text())["recall_ci95"] == [
+        low,
+        high,
+    ]
+    refused = CliRunner().invoke(
+        predict_app, [*args, "--out", str(tmp_path / "x"), "--split", "val", "--boxes", "gt"]
+    )
+    assert refused.exit_code != 0 and "not for a detector model" in refused.output
