@@ -155,3 +155,19 @@ def test_busfed_evaluate_a_detector_model(busbra_site: Path, tmp_path: Path) -> 
         predict_app, [*args, "--out", str(tmp_path / "x"), "--split", "val", "--boxes", "gt"]
     )
     assert refused.exit_code != 0 and "not for a detector model" in refused.output
+
+
+def test_a_video_site_trains_the_detector_on_its_frames(tmp_path: Path) -> None:
+    from deploy.synth import generate_site
+
+    data = tmp_path / "video-site"
+    generate_site(data, site="v", patients=6, seed=0, vendor="vendor-a", frames=16, size=64)
+    config = _site_config(tmp_path / "site", data, "sweeps", keyframe=False)
+    client = SiteClient(load_site_config(config), DETECTOR_RUN)
+    initial = get_weights(build_bundle("tiny", seed=0, model="detector"))
+    weights, n_patients, metrics = client.fit(initial, {"round": 1, "run_id": "r1"})
+    assert n_patients >= 1 and math.isfinite(float(metrics["detector_loss"]))
+    assert [e["model"] for e in _ledger(config)] == ["detector"]
+    _, n_images, val = client.evaluate(weights, {"round": 1})
+    # Frames every 4th (the config's stride), at most 4 a video: boxed or not, all count.
+    assert n_images == val["val_images"] > 0 and "detector_val_loss" in val
