@@ -1,10 +1,12 @@
 """The site's federated client: private local training and validation of the chosen model.
 
 The run config's ``model`` picks what a round trains: ``wauve`` (detector and video
-classifier) or ``keyframe2d`` (the 2D key-frame comparator; a site of still key frames can
-train only this one, and refuses a WAUVE round). The site's own config decides the data,
-device and every privacy parameter; the server's run config proposes only the model, the
-preset, the number of local steps (capped by the site) and the learning rate.
+classifier), ``keyframe2d`` (the 2D key-frame comparator) or ``detector`` (WAUVE's detector
+alone, on annotated video frames and still key frames alike). A site of still key frames
+trains the last two, and refuses a WAUVE round: it has no clip. The site's own config
+decides the data, device and every privacy parameter; the server's run config proposes
+only the model, the preset, the number of local steps (capped by the site) and the
+learning rate.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from common.evaluation.validation import (
     HISTOGRAM_KEY,
     EvalResult,
     evaluate_bundle,
+    evaluate_detector,
     evaluate_keyframe,
 )
 from common.models.bundle import (
     DEFAULT_MODEL,
+    DetectorBundle,
     KeyFrameBundle,
     ModelBundle,
     WauveBundle,
@@ -140,7 +144,7 @@ class SiteClient(NumPyClient):
         DataError
             The split has nothing the model can train on: for WAUVE, no clip of
             ``clip_len`` consecutive annotated frames (a site of still key frames has
-            none); for the key-frame model, no key frame.
+            none); for the key-frame model, no key frame; for the detector, no frame.
         """
         name = self.config.site.name
         if self.model == KeyFrameBundle.kind:
@@ -151,13 +155,23 @@ class SiteClient(NumPyClient):
                     "no key frame (a sweep with a lesion box, or a still image)"
                 )
             return {"keyframe": frames.keyframe}, frames.skipped
+        if self.model == DetectorBundle.kind:
+            # A still key frame is a one-frame video: its frame 0 and box are a sample.
+            units = self._units(split)
+            if not units.detector:
+                raise DataError(
+                    f"site {name} cannot train the detector: its {split} split has no "
+                    "readable video or still image"
+                )
+            return {"detector": units.detector}, units.skipped
         units = self._units(split, bundle.detector if isinstance(bundle, WauveBundle) else None)
         if not any(len(u.clips) for u in units.classifier):
             clip_len = get_preset(self.preset).classifier.clip_len
             raise DataError(
                 f"site {name} cannot train WAUVE (a video model): no video of its {split} "
                 f"split has {clip_len} consecutive annotated frames. A site of still key "
-                "frames trains only the keyframe2d model (run config model=keyframe2d)"
+                "frames trains only the keyframe2d or detector model (run config "
+                "model=keyframe2d or model=detector)"
             )
         return {"detector": units.detector, "classifier": units.classifier}, units.skipped
 
@@ -338,6 +352,10 @@ class SiteClient(NumPyClient):
         elif isinstance(bundle, WauveBundle):
             units = self._units("val")
             result = evaluate_bundle(bundle, units, device=self.device)
+            skipped = units.skipped
+        elif isinstance(bundle, DetectorBundle):
+            units = self._units("val")
+            result = evaluate_detector(bundle, units.detector, device=self.device)
             skipped = units.skipped
         metrics: dict[str, Scalar] = {
             "site": self.config.site.name,

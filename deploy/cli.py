@@ -93,7 +93,11 @@ def demo(
     patients: Annotated[int, typer.Option(min=4, help="patients per hospital")] = 16,
     replace: Annotated[bool, typer.Option(help="delete a previous demo in --out first")] = False,
     model: Annotated[
-        str, typer.Option(help="wauve (detector + video classifier) or keyframe2d (comparator)")
+        str,
+        typer.Option(
+            help="wauve (detector + video classifier), keyframe2d (comparator) or detector "
+            "(WAUVE's detector alone)"
+        ),
     ] = "wauve",
 ) -> None:
     """Synthetic hospitals train WAUVE (or its comparator) together: TLS, SecAgg+, DP, MLflow."""

@@ -149,7 +149,7 @@ def resume_point(tracker: Tracker, campaign: str, *, resume: bool) -> ResumePoin
 
 
 def chosen_model(run_config: dict[str, Any]) -> tuple[str, str]:
-    """The run config's ``model`` (``wauve`` or ``keyframe2d``) and its registered model name.
+    """The run config's ``model`` (``wauve``, ``keyframe2d``, ``detector``) and its registry name.
 
     ``registered-model`` empty (the default) names it ``busfed-<model>``, so the two kinds
     never share a registered model.

@@ -36,9 +36,19 @@ from common.privacy.ledger import LEDGER_METRIC
 from server.tracking import Tracker
 
 # Per-site metrics that are averaged into the round's metrics, weighted by patients.
+# (Validation metrics are weighted by each site's count of what it evaluated: patients, or
+# images for the detector alone.)
 AVERAGED_FIT = ("detector_loss", "classifier_loss", "keyframe_loss", "fit_seconds")
 # Per-site counts that the round reports as totals over the sites, not as means.
-SUMMED_EVALUATE = ("skipped_rows", "skipped_videos", "box_problems", "val_patients", "val_clips")
+SUMMED_EVALUATE = (
+    "skipped_rows",
+    "skipped_videos",
+    "box_problems",
+    "val_patients",
+    "val_clips",
+    "val_images",
+    "val_boxes",
+)
 # What each model version says about every site's privacy spend, as `KEY.<site>` tags.
 PRIVACY_TAGS = ("epsilon", "delta", "epsilon_budget")
 

@@ -35,7 +35,7 @@ class RegisteredVersion:
 def model_card(bundle: ModelBundle) -> dict[str, Any]:
     """What a registered version says about itself (stored as tags and as model.json).
 
-    ``model`` is the run config's model kind (``wauve`` or ``keyframe2d``); the rest
+    ``model`` is the run config's model kind (``wauve``, ``keyframe2d``, ``detector``); the rest
     describes each of its networks (architecture, parameter count, input size).
     """
     return {
@@ -72,7 +72,8 @@ class Tracker:
                     registered_model,
                     description="A model trained by busfed (federated, patient-level DP-SGD, "
                     "SecAgg+); its `model` tag says which: wauve (detector + video "
-                    "classifier) or keyframe2d (the 2D key-frame comparator).",
+                    "classifier), keyframe2d (the 2D key-frame comparator) or detector "
+                    "(WAUVE's detector alone).",
                 )
         except MlflowException as exc:
             raise TrackingError(f"MLflow at {tracking_uri}: {exc}") from exc

@@ -130,7 +130,7 @@ def test_bundles_exchange_and_store_weights_by_network(tmp_path):
     assert tuple(wauve.networks) == wauve.network_names == ("detector", "classifier")
     with pytest.raises(UsageError, match="for model 'keyframe2d'"):
         set_weights(a, get_weights(wauve))
-    with pytest.raises(UsageError, match="known models: keyframe2d, wauve"):
+    with pytest.raises(UsageError, match="known models: detector, keyframe2d, wauve"):
         build_bundle("tiny", seed=0, model="resnet")
 
     card = model_card(a)

@@ -10,6 +10,8 @@
   the biopsy threshold, with and without the fallback score for unscored videos;
 - ``videos``: ``busfed evaluate``'s work, dispatched by bundle kind to ``wauve`` (one
   pipeline score per video) or ``keyframe`` (the 2D comparator's three readings);
+- ``detection``: the lesion detector's recall and average precision at one IoU (VOC's
+  all-point AP), the patient-level bootstrap of both, and the batched inference behind them;
 - ``score_table``: a scores CSV read for ``busfed metrics``, bad rows skipped and listed.
 
 Nothing here imports torch at package level: ``busfed metrics`` must start fast.

@@ -1,5 +1,5 @@
-"""Validation on a site's held-out units (no gradient, no noise): both WAUVE networks, or
-the key-frame comparator."""
+"""Validation on a site's held-out units (no gradient, no noise): both WAUVE networks, the
+key-frame comparator, or WAUVE's detector alone."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.data.keyframes import KeyFrameUnit
-from common.data.units import SiteUnits
+from common.data.units import DetectorUnit, SiteUnits
+from common.evaluation.detection import detect, detection_scores
 from common.metrics import histogram_counts, roc_auc
-from common.models.bundle import KeyFrameBundle, WauveBundle
+from common.models.bundle import DetectorBundle, KeyFrameBundle, WauveBundle
 
 # Shared grid of the score histograms that sites report instead of individual scores.
 HISTOGRAM_BINS = 1000
@@ -23,7 +24,9 @@ HISTOGRAM_KEY = "patient_score_histogram"  # the metric that carries it, as JSON
 @dataclass(frozen=True)
 class EvalResult:
     loss: float  # classifier (or key-frame model) binary cross-entropy per clip (or image)
-    n_units: int  # patients evaluated
+    # The site's weight in the consortium's mean of its metrics: patients evaluated;
+    # images for the detector alone (its recall and AP are per image).
+    n_units: int
     metrics: dict[str, float]
     # Patient-level score (mean clip probability) per bin of HISTOGRAM_BINS, split by label.
     histogram: tuple[list[int], list[int]] | None
@@ -35,10 +38,8 @@ def evaluate_bundle(bundle: WauveBundle, units: SiteUnits, *, device: torch.devi
 
     A patient's score is the mean probability of their ground-truth-track clips; the
     patient-level AUC and a histogram of these scores (for the consortium's pooled AUC:
-    no individual score leaves the site) are returned.
-
-    The detector's loss is taken in train mode (Faster R-CNN returns losses only there);
-    with GroupNorm nothing in train mode updates state, so this is a pure evaluation.
+    no individual score leaves the site) are returned. The detector's loss is
+    ``_detector_loss``'s.
     """
     loss, metrics, histogram = _evaluate_per_patient(
         bundle.classifier,
@@ -47,14 +48,9 @@ def evaluate_bundle(bundle: WauveBundle, units: SiteUnits, *, device: torch.devi
         count="val_clips",
         device=device,
     )
-    detector = bundle.detector.to(device).train()
-    det_losses = []
-    for frames in units.detector:
-        for image, target in zip(frames.images, frames.targets, strict=True):
-            out = detector([image.to(device)], [{k: v.to(device) for k, v in target.items()}])
-            det_losses.append(float(sum(out.values())))
-    if det_losses:
-        metrics["detector_val_loss"] = float(np.mean(det_losses))
+    det_loss = _detector_loss(bundle.detector, units.detector, device=device)
+    if np.isfinite(det_loss):
+        metrics["detector_val_loss"] = det_loss
     # NaN does not survive Flower's metric records as a useful number; drop it.
     metrics = {k: v for k, v in metrics.items() if np.isfinite(v)}
     return EvalResult(
@@ -88,6 +84,54 @@ def evaluate_keyframe(
         metrics=metrics,
         histogram=histogram,
     )
+
+
+@torch.no_grad()
+def evaluate_detector(
+    bundle: DetectorBundle, units: list[DetectorUnit], *, device: torch.device, iou: float = 0.5
+) -> EvalResult:
+    """The detector's loss, recall and average precision at ``iou`` on the held-out frames.
+
+    Metrics: ``detector_val_loss``, ``detector_val_recall50`` and ``detector_val_ap50``
+    (``common.evaluation.detection``; absent when the frames hold no box), and the counts
+    ``val_patients``, ``val_images`` and ``val_boxes``. The site's weight at the server is
+    its number of images.
+    """
+    images = [image for unit in units for image in unit.images]
+    truth = [t["boxes"].numpy() for unit in units for t in unit.targets]
+    loss = _detector_loss(bundle.detector, units, device=device)
+    scores = detection_scores(detect(bundle.detector, images, device=device), truth, iou=iou)
+    metrics = {
+        "detector_val_loss": loss,
+        "detector_val_recall50": scores.recall,
+        "detector_val_ap50": scores.average_precision,
+        "val_patients": float(len(units)),
+        "val_images": float(scores.n_images),
+        "val_boxes": float(scores.n_boxes),
+    }
+    return EvalResult(
+        loss=loss if np.isfinite(loss) else 0.0,
+        n_units=len(images),
+        metrics={k: v for k, v in metrics.items() if np.isfinite(v)},
+        histogram=None,
+    )
+
+
+def _detector_loss(
+    detector: nn.Module, units: list[DetectorUnit], *, device: torch.device
+) -> float:
+    """Mean Faster R-CNN loss per image; NaN without images.
+
+    Taken in train mode (Faster R-CNN returns losses only there); with GroupNorm nothing
+    in train mode updates state, so this is a pure evaluation.
+    """
+    detector = detector.to(device).train()
+    losses = []
+    for frames in units:
+        for image, target in zip(frames.images, frames.targets, strict=True):
+            out = detector([image.to(device)], [{k: v.to(device) for k, v in target.items()}])
+            losses.append(float(sum(out.values())))
+    return float(np.mean(losses)) if losses else float("nan")
 
 
 def _evaluate_per_patient(

@@ -3,7 +3,9 @@
 A bundle kind is chosen by the run config's ``model`` key:
 
 * ``wauve`` (``WauveBundle``): WAUVE's lesion detector and video classifier;
-* ``keyframe2d`` (``KeyFrameBundle``): the paper's comparator, a 2D ResNet-50 on key frames.
+* ``keyframe2d`` (``KeyFrameBundle``): the paper's comparator, a 2D ResNet-50 on key frames;
+* ``detector`` (``DetectorBundle``): WAUVE's lesion detector alone, so that sites of still
+  key frames train it too; its weights load into a WAUVE model's detector.
 
 Everything that moves or stores weights (``get_weights``/``set_weights``, the model
 registry, ``common.models.loading``) goes through ``ModelBundle.networks``, a name ->
@@ -34,6 +36,14 @@ DEFAULT_MODEL = "wauve"
 
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def _detector_card(detector: FasterRCNN, preset: Preset) -> dict[str, Any]:
+    return {
+        "detector": "Faster R-CNN, ResNet-34 + FPN, GroupNorm, 1 lesion class",
+        "detector_params": _n_params(detector),
+        "detector_image_size": preset.detector.image_size,
+    }
 
 
 class ModelBundle(ABC):
@@ -106,9 +116,7 @@ class WauveBundle(ModelBundle):
 
     def architecture(self) -> dict[str, Any]:
         return {
-            "detector": "Faster R-CNN, ResNet-34 + FPN, GroupNorm, 1 lesion class",
-            "detector_params": _n_params(self.detector),
-            "detector_image_size": self.preset.detector.image_size,
+            **_detector_card(self.detector, self.preset),
             "classifier": "I3D inflated from ResNet-50, GroupNorm, 1 malignancy logit",
             "classifier_params": _n_params(self.classifier),
             "clip_len": self.preset.classifier.clip_len,
@@ -143,7 +151,37 @@ class KeyFrameBundle(ModelBundle):
         }
 
 
-MODELS: dict[str, type[ModelBundle]] = {b.kind: b for b in (WauveBundle, KeyFrameBundle)}
+@dataclass
+class DetectorBundle(ModelBundle):
+    """WAUVE's lesion detector alone, trained on annotated frames and still key frames.
+
+    The network is named ``detector`` as in ``WauveBundle``: the same tensors under the
+    same names, so ``networks["detector"]``'s state dict loads into a WAUVE model's detector
+    (and back), and a site trains it under its ``[privacy.detector]`` section.
+    """
+
+    kind: ClassVar[str] = "detector"
+    method: ClassVar[str] = "WAUVE's lesion detector alone (Han et al., Cancer Imaging 2025)"
+    network_names: ClassVar[tuple[str, ...]] = ("detector",)
+
+    preset: Preset
+    detector: FasterRCNN
+
+    @classmethod
+    def build(cls, preset: Preset) -> Self:
+        return cls(preset=preset, detector=build_detector(preset.detector))
+
+    @property
+    def networks(self) -> dict[str, nn.Module]:
+        return {"detector": self.detector}
+
+    def architecture(self) -> dict[str, Any]:
+        return _detector_card(self.detector, self.preset)
+
+
+MODELS: dict[str, type[ModelBundle]] = {
+    b.kind: b for b in (WauveBundle, KeyFrameBundle, DetectorBundle)
+}
 
 
 def bundle_class(model: str) -> type[ModelBundle]:

@@ -335,7 +335,10 @@ def start(
     ] = False,
     model: Annotated[
         str | None,
-        typer.Option(help="What to train: wauve (video) or keyframe2d (key-frame comparator)."),
+        typer.Option(
+            help="What to train: wauve (video), keyframe2d (key-frame comparator) or "
+            "detector (WAUVE's detector alone; key-frame sites train it too)."
+        ),
     ] = None,
     wait: Annotated[
         bool,
