@@ -69,6 +69,23 @@ def mask_edges(path: Path) -> Edges | None:
     return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
 
 
+def lesion_box(busbra: Path, row: dict[str, str]) -> tuple[Edges, str | None]:
+    """An image's lesion box, and how its BBOX compares with its mask.
+
+    The second value is None without a mask, ``"exact"``, ``"within 1 px"``, or
+    ``"disagree"``: the box returned is then the mask's.
+    """
+    box = bbox_edges(row["BBOX"])
+    mask = mask_edges(busbra / "Masks" / f"mask_{row['ID'].removeprefix('bus_')}.png")
+    if mask is None:
+        return box, None
+    if box == mask:
+        return box, "exact"
+    if max(abs(a - b) for a, b in zip(box, mask, strict=True)) <= 1:
+        return box, "within 1 px"
+    return mask, "disagree"
+
+
 def scanner(device: str) -> tuple[str, str]:
     return next(v for prefix, v in SCANNERS.items() if device.startswith(prefix))
 
@@ -97,19 +114,17 @@ def convert(
             if row["ID"] not in folds:
                 raise SystemExit(f"{where}, field ID: {row['ID']} is not in 5-fold-cv.csv")
             file = f"Images/{row['ID']}.png"
-            box = bbox_edges(row["BBOX"])
-            mask = mask_edges(busbra / "Masks" / f"mask_{row['ID'].removeprefix('bus_')}.png")
-            if mask is not None:
+            box, check = lesion_box(busbra, row)
+            if check is not None:
                 masked += 1
-                exact += box == mask
-                if max(abs(a - b) for a, b in zip(box, mask, strict=True)) <= 1:
-                    agree += 1
-                else:
+                exact += check == "exact"
+                if check == "disagree":
                     print(
-                        f"{file} ({where}, field BBOX): {row['BBOX']} gives edges {box}, its "
-                        f"mask {mask}; the mask's box is written"
+                        f"{file} ({where}, field BBOX): {row['BBOX']} gives edges "
+                        f"{bbox_edges(row['BBOX'])}, its mask {box}; the mask's box is written"
                     )
-                    box = mask
+                else:
+                    agree += 1
             vendor, site = scanner(row["Device"])
             annotations, boxes = sites[site if by_scanner else "."]
             fold = folds[row["ID"]]
