@@ -99,14 +99,24 @@ def demo(
             "(WAUVE's detector alone)"
         ),
     ] = "wauve",
+    data_from: Annotated[
+        Path | None,
+        typer.Option(
+            help="a folder of 3-5 ingested site datasets (busfed site ingest) to federate "
+            "instead of synthetic hospitals; read in place; --sites and --patients are ignored"
+        ),
+    ] = None,
 ) -> None:
-    """Synthetic hospitals train WAUVE (or its comparator) together: TLS, SecAgg+, DP, MLflow."""
+    """Synthetic (or ingested real) hospitals train a model together: TLS, SecAgg+, DP, MLflow."""
     from common.models.bundle import bundle_class
-    from deploy.demo import DemoSettings, run_demo
+    from deploy.demo import DemoSettings, real_sites, run_demo
 
+    if data_from is not None:
+        sites = len(real_sites(data_from))
     settings = DemoSettings(
-        rounds=rounds, sites=sites, patients=patients, model=bundle_class(model).kind
-    )
+        rounds=rounds, sites=sites, patients=patients, model=bundle_class(model).kind,
+        data_from=data_from,
+    )  # fmt: skip
     run_demo(out, settings, console, replace=replace)
 
 

@@ -24,6 +24,7 @@ from common.config import (
     SiteTraining,
     render_site_config,
 )
+from common.data.manifest import MANIFEST, load_site
 from common.errors import FederationError, UsageError
 from common.keys import create_signing_key
 from common.privacy.ledger import LEDGER_FILE
@@ -58,17 +59,21 @@ class DemoSettings:
     timeout_s: float = 1500.0
     secagg_timeout: float = 60.0
     secagg_timeout_limit: float = 900.0
+    # Ingested site datasets (one folder each) to federate instead of synthetic hospitals.
+    data_from: Path | None = None
 
 
 def demo_site_config(
-    name: str, site_dir: Path, *, require_secure_aggregation: bool = True
+    name: str,
+    site_dir: Path,
+    *,
+    require_secure_aggregation: bool = True,
+    data: Path = Path("data"),
 ) -> SiteConfig:
     """What a cautious hospital would write: every privacy value stated explicitly."""
     model = DPSettings(noise_multiplier=1.5, max_grad_norm=1.0, sample_rate=0.3)
     return SiteConfig(
-        site=SiteIdentity(
-            name=name, data=Path("data"), state=Path("state"), device="auto", threads=1
-        ),
+        site=SiteIdentity(name=name, data=data, state=Path("state"), device="auto", threads=1),
         privacy=SitePrivacy(
             privacy_unit="patient",
             epsilon_budget=8.0,
@@ -84,29 +89,62 @@ def demo_site_config(
     )
 
 
+def real_sites(root: Path) -> list[Path]:
+    """The site datasets under ``root`` (``busfed site ingest`` outputs), one per hospital.
+
+    Raises
+    ------
+    UsageError
+        ``root`` holds fewer than 3 or more than 5 of them.
+    """
+    found = sorted(p for p in root.iterdir() if (p / MANIFEST).is_file()) if root.is_dir() else []
+    if not 3 <= len(found) <= len(SITE_NAMES):
+        raise UsageError(
+            f"--data-from {root}: needs 3 to {len(SITE_NAMES)} site datasets (folders with a "
+            f"{MANIFEST}, as busfed site ingest writes them), found {len(found)}"
+        )
+    return found
+
+
 def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[Path]:
-    """Generate each hospital's data set, key pair and config; return the config paths."""
+    """Each hospital's data set (synthesised, or ingested and read in place), key pair and
+    config; return the config paths."""
+    sources = real_sites(settings.data_from) if settings.data_from is not None else None
+    if sources is not None and len(sources) != settings.sites:
+        raise UsageError(f"{settings.sites} sites asked for, {len(sources)} found in --data-from")
     configs = []
     for i in range(settings.sites):
-        name = SITE_NAMES[i]
+        name = sources[i].name if sources else SITE_NAMES[i]
         site_dir = out / "sites" / name
-        with console.status(f"synthesising {name} ({VENDORS[i % len(VENDORS)]})"):
-            summary = generate_site(
-                site_dir / "data",
-                site=name,
-                patients=settings.patients,
-                seed=settings.seed + i,
-                vendor=VENDORS[i % len(VENDORS)],
-                frames=settings.frames,
-                size=settings.size,
-                # Both classes at every hospital, in validation too: else its AUC is undefined.
-                # At most a quarter of a site is redrawn; tests' tiny sites keep their draws.
-                min_per_class=MIN_PER_CLASS if settings.patients >= 4 * MIN_PER_CLASS else 0,
+        data = Path("data")
+        if sources:
+            data = sources[i].resolve()
+            site = load_site(data, check_videos=False)
+            malignant = sum(row.label == "malignant" for row in site.rows)
+            patients = len({row.patient_id for row in site.rows})
+            console.print(
+                f"  {name}: {patients} patients, {len(site.rows)} videos or key frames, "
+                f"{malignant} malignant, read in place from {data}"
             )
-        console.print(
-            f"  {name}: {summary.n_patients} patients, {summary.n_videos} videos, "
-            f"{summary.n_malignant} malignant, {summary.vendor}"
-        )
+        else:
+            with console.status(f"synthesising {name} ({VENDORS[i % len(VENDORS)]})"):
+                summary = generate_site(
+                    site_dir / "data",
+                    site=name,
+                    patients=settings.patients,
+                    seed=settings.seed + i,
+                    vendor=VENDORS[i % len(VENDORS)],
+                    frames=settings.frames,
+                    size=settings.size,
+                    # Both classes at every hospital, in validation too: else its AUC is
+                    # undefined. At most a quarter of a site is redrawn; tests' tiny sites
+                    # keep their draws.
+                    min_per_class=MIN_PER_CLASS if settings.patients >= 4 * MIN_PER_CLASS else 0,
+                )
+            console.print(
+                f"  {name}: {summary.n_patients} patients, {summary.n_videos} videos, "
+                f"{summary.n_malignant} malignant, {summary.vendor}"
+            )
         create_node_keys(site_dir / "keys", site=name)
         _, ledger_public = create_signing_key(site_dir / "keys", site=name)
         # The consortium enrols the site's ledger public key (the private key stays home).
@@ -115,7 +153,7 @@ def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[P
         shutil.copy(ledger_public, enrolled / ledger_public.name)
         path = site_dir / "site.toml"
         config = demo_site_config(
-            name, site_dir, require_secure_aggregation=settings.secure_aggregation
+            name, site_dir, require_secure_aggregation=settings.secure_aggregation, data=data
         )
         path.write_text(render_site_config(config))
         configs.append(path)

@@ -214,3 +214,27 @@ def test_without_a_test_fold_the_split_is_left_to_ingest(tmp_path):
     assert len(annotations) == 44 and {r["split"] for r in annotations} == {""}
     assert {r["label"] for r in annotations} == {"benign", "malignant"}
     assert convert(SAMPLE, tmp_path / "x", "--val-fold", "2").returncode == 2
+
+
+def test_the_demo_federates_ingested_sites_read_in_place(sites, tmp_path):
+    """``busfed demo --data-from``: one hospital per ingested site, its data not copied."""
+    from rich.console import Console
+
+    from common.config import load_site_config
+    from common.errors import UsageError
+    from deploy.demo import DemoSettings, prepare_sites, real_sites
+
+    root = next(iter(sites.values())).parent  # the three sites, beside the converter's csv/
+    assert [p.name for p in real_sites(root)] == sorted(SITES)
+    settings = DemoSettings(sites=3, data_from=root, model="keyframe2d")
+    configs = prepare_sites(tmp_path / "demo", settings, Console(file=None, quiet=True))
+    for path, name in zip(configs, sorted(SITES), strict=True):
+        config = load_site_config(path)
+        assert config.site.name == name
+        assert config.site.data == sites[name].resolve()
+        assert not (path.parent / "data").exists()  # read in place, nothing copied
+    two = tmp_path / "two"
+    for name in sorted(SITES)[:2]:
+        shutil.copytree(sites[name], two / name)
+    with pytest.raises(UsageError, match=r"needs 3 to 5 site datasets .* found 2"):
+        real_sites(two)
