@@ -70,7 +70,7 @@ from busbra import lesion_box, scanner  # noqa: E402  (this folder, on sys.path 
 
 from client.train import train_detector, train_per_sample  # noqa: E402
 from common.data.units import DetectorUnit  # noqa: E402
-from common.evaluation.detection import detection_scores  # noqa: E402
+from common.evaluation.detection import detect, detection_scores  # noqa: E402
 from common.geometry import crop_frames, detector_samples  # noqa: E402
 from common.metrics.roc import auc_ci  # noqa: E402
 from common.metrics.threshold import threshold_for_sensitivity  # noqa: E402
@@ -419,21 +419,16 @@ class Result:
         return out
 
 
-@torch.no_grad()
 def detections(
     network: nn.Module, data: Images, rows: np.ndarray, preset: Preset
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    network.eval()
+    """The detector's boxes and scores per test image, at its input size (as a site runs it)."""
     size = preset.detector.image_size
-    out = []
-    for start in range(0, len(rows), 16):
-        chunk = [int(r) for r in rows[start : start + 16]]
-        images, _ = detector_samples(
-            data.images[chunk], list(range(len(chunk))), {}, size, where="test"
-        )
-        for found in network(images):
-            out.append((found["boxes"].numpy(), found["scores"].numpy()))
-    return out
+    picked = [int(r) for r in rows]
+    images, _ = detector_samples(
+        data.images[picked], list(range(len(picked))), {}, size, where="test"
+    )
+    return detect(network, images, device=torch.device("cpu"), batch_size=16)
 
 
 def truth_boxes(data: Images, rows: np.ndarray, preset: Preset) -> list[np.ndarray]:
