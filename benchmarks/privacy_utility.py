@@ -76,6 +76,7 @@ from common.metrics.roc import auc_ci  # noqa: E402
 from common.metrics.threshold import threshold_for_sensitivity  # noqa: E402
 from common.models.detector import build_detector  # noqa: E402
 from common.models.keyframe import build_keyframe_model  # noqa: E402
+from common.models.loading import load_bundle_dir  # noqa: E402
 from common.models.presets import Preset, get_preset  # noqa: E402
 from common.privacy.accountant import SiteAccountant  # noqa: E402
 from common.privacy.settings import DPSettings  # noqa: E402
@@ -246,11 +247,28 @@ def _keyframe_input(data: Images, row: int, model: str, preset: Preset) -> torch
 # ------------------------------------------------------------------ training
 
 
-def build_network(model: str, preset: Preset, seed: int) -> nn.Module:
+def build_network(
+    model: str, preset: Preset, seed: int, init: dict[str, dict[str, torch.Tensor]] | None = None
+) -> nn.Module:
+    """The arm's starting network: seeded random weights, or the ``init`` model's (a
+    ``busfed pretrain`` version 0: its ``detector`` or ``keyframe`` state dict)."""
     torch.manual_seed(seed)
+    network: nn.Module
     if model == "detector":
-        return build_detector(preset.detector)
-    return build_keyframe_model(preset.keyframe)
+        network = build_detector(preset.detector)
+    else:
+        network = build_keyframe_model(preset.keyframe)
+    if init is not None:
+        network.load_state_dict(init["detector" if model == "detector" else "keyframe"])
+    return network
+
+
+def read_init(folder: Path, preset: Preset) -> dict[str, dict[str, torch.Tensor]]:
+    """The state dicts of a model version folder, checked against the harness' preset."""
+    bundle, _ = load_bundle_dir(folder)
+    if bundle.preset.name != preset.name:
+        raise SystemExit(f"{folder}: preset {bundle.preset.name}, the harness runs {preset.name}")
+    return {name: network.state_dict() for name, network in bundle.networks.items()}
 
 
 @functools.cache
@@ -315,10 +333,16 @@ def load_weights(network: nn.Module, arrays: Sequence[np.ndarray]) -> None:
 
 
 def train_arm(
-    arm: str, model: str, sites: list[SiteRun], preset: Preset, recipe: Recipe, seed: int
+    arm: str,
+    model: str,
+    sites: list[SiteRun],
+    preset: Preset,
+    recipe: Recipe,
+    seed: int,
+    init: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> nn.Module:
     """The arm's final model: FedAvg over ``sites``, or one pooled site for ``central``."""
-    network = build_network(model, preset, seed)
+    network = build_network(model, preset, seed, init)
     lr = recipe.lr if arm.startswith("dp-eps") else recipe.lr_no_dp
     if arm == "central":
         pooled = SiteRun("all", [u for s in sites for u in s.units], sites[0].dp, sites[0].delta)
@@ -561,6 +585,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--folds", default="1,2,3,4,5", help="official folds to hold out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--init", type=Path, help="start every arm from this model version (busfed pretrain)"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
@@ -571,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unknown model or arm: {', '.join(unknown)}")
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
+    init = read_init(args.init, preset) if args.init is not None else None
     started = time.perf_counter()
     if args.arrays is not None:
         data = Images.load(args.arrays)
@@ -597,7 +625,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             for arm in arms:
                 t0 = time.perf_counter()
                 runs = site_runs(data, train_rows, arm, model, preset, recipe)
-                network = train_arm(arm, model, runs, preset, recipe, args.seed + fold)
+                network = train_arm(arm, model, runs, preset, recipe, args.seed + fold, init)
                 result = results[(model, arm)]
                 result.folds.append(fold)
                 if model == "detector":

@@ -64,12 +64,14 @@ class RoundId:
 
     run_id: str  # the campaign: it outlives a restarted server, each restart a new Flower run
     round: int
+    initial_model: str | None = None  # fingerprint of the campaign's starting model
 
     @classmethod
     def from_fit_config(cls, config: Mapping[str, Scalar]) -> RoundId:
         return cls(
             run_id=str(config.get("campaign") or config.get("run_id", "unknown")),
             round=int(config.get("round", 0)),
+            initial_model=str(config["initial-model"]) if config.get("initial-model") else None,
         )
 
 
@@ -233,5 +235,5 @@ class SiteBudget:
             privacy_unit=privacy.privacy_unit, n_units=n_units, dp=dp, steps=steps,
             delta=privacy.delta, accountant=privacy.accountant, epsilon_round=epsilon_round,
             epsilon_total=epsilon_total, budget=privacy.epsilon_budget, status=status,
-            noise_source=noise_source,
+            noise_source=noise_source, initial_model=round_id.initial_model,
         )  # fmt: skip

@@ -14,7 +14,6 @@ resumed federation restarts at the round after its last registered version.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -27,21 +26,6 @@ from flwr.common import NDArrays, Scalar
 from common.files import atomic_path
 
 SENT_DIR = "sent"
-
-
-def fingerprint(arrays: NDArrays) -> str:
-    """SHA-256 over every array's shape and float32 bytes: the identity of a global model.
-
-    float32 because that is what the site's models hold: SecAgg+ hands the server float64
-    aggregates, which the sites load as float32, while a model resumed from the registry is
-    sent as float32. Both are the same model and must match.
-    """
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a, dtype=np.float32)
-        h.update(str(a.shape).encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)

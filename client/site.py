@@ -26,7 +26,7 @@ from torchvision.models.detection import FasterRCNN
 
 from client.budget import Proposal, RoundId, SiteBudget
 from client.dp import MechanismRecord
-from client.sent import SentUpdate, SentUpdates, fingerprint
+from client.sent import SentUpdate, SentUpdates
 from client.train import train_classifier, train_detector, train_keyframe
 from common.config import SiteConfig
 from common.data.keyframes import KeyFrameUnits, build_keyframe_units
@@ -48,6 +48,7 @@ from common.models.bundle import (
     WauveBundle,
     build_bundle,
     bundle_class,
+    fingerprint,
     get_weights,
     set_weights,
     weight_names,

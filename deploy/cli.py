@@ -19,6 +19,7 @@ from deploy.audit.cli import audit_app
 from deploy.federation.cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
+from deploy.pretrain_cli import PRETRAIN_HELP, pretrain_command
 from deploy.synth.sheet import sheet_command
 
 console = Console()
@@ -37,6 +38,7 @@ app.add_typer(audit_app, name="audit")
 app.command(name="synth-sheet")(sheet_command)
 app.command(name="predict")(predict_command)
 app.command(name="evaluate")(evaluate_command)
+app.command(name="pretrain", help=PRETRAIN_HELP)(pretrain_command)
 
 
 @app.command()
@@ -106,6 +108,13 @@ def demo(
             "instead of synthetic hospitals; read in place; --sites and --patients are ignored"
         ),
     ] = None,
+    init: Annotated[
+        str,
+        typer.Option(
+            help="start from this model version (a folder or models:/NAME/VERSION), e.g. "
+            "busfed pretrain's version 0; default: seeded random weights"
+        ),
+    ] = "",
 ) -> None:
     """Synthetic (or ingested real) hospitals train a model together: TLS, SecAgg+, DP, MLflow."""
     from common.models.bundle import bundle_class
@@ -115,9 +124,16 @@ def demo(
         sites = len(real_sites(data_from))
     settings = DemoSettings(
         rounds=rounds, sites=sites, patients=patients, model=bundle_class(model).kind,
-        data_from=data_from,
+        data_from=data_from, init=_absolute_model(init),
     )  # fmt: skip
     run_demo(out, settings, console, replace=replace)
+
+
+def _absolute_model(model: str) -> str:
+    """A model folder as an absolute path (the ServerApp runs elsewhere); a URI as given."""
+    if not model or ":/" in model:
+        return model
+    return str(Path(model).resolve())
 
 
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention

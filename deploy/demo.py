@@ -61,6 +61,8 @@ class DemoSettings:
     secagg_timeout_limit: float = 900.0
     # Ingested site datasets (one folder each) to federate instead of synthetic hospitals.
     data_from: Path | None = None
+    # The model the campaign starts from (a folder or models:/ URI; "" = seeded weights).
+    init: str = ""
 
 
 def demo_site_config(
@@ -194,6 +196,7 @@ def run_config_for(out: Path, settings: DemoSettings) -> dict[str, Any]:
         "secagg-timeout": settings.secagg_timeout,
         "secagg-timeout-limit": settings.secagg_timeout_limit,
         "secagg-timeout-factor": 3.0,
+        "init-model": settings.init,
     }
 
 

@@ -125,7 +125,7 @@ def predict_command(
     from common.evaluation.loading import as_wauve, to_device
     from common.pipeline.render import annotate_frames, report_dict, save_heatmap
     from common.pipeline.run import run_pipeline
-    from deploy.registry import load_model
+    from server.registry import load_model
 
     with exit_codes():
         config = PipelineConfig(
@@ -197,7 +197,7 @@ def evaluate_command(
     from common.evaluation.loading import to_device
     from common.evaluation.videos import evaluate_videos
     from common.models.bundle import DetectorBundle, KeyFrameBundle
-    from deploy.registry import load_model
+    from server.registry import load_model
 
     with exit_codes():
         if split != "all" and split not in SPLITS:

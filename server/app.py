@@ -16,9 +16,17 @@ from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 
-from common.errors import FederationError
+from common.errors import BusfedError, FederationError
 from common.flower_compat import retry_transient_superlink_errors
-from common.models.bundle import DEFAULT_MODEL, ModelBundle, build_bundle, bundle_class, get_weights
+from common.models.bundle import (
+    DEFAULT_MODEL,
+    ModelBundle,
+    build_bundle,
+    bundle_class,
+    fingerprint,
+    get_weights,
+)
+from server.registry import load_model
 from server.secagg import PacedSecAggPlusWorkflow, StagePacing
 from server.strategy import TrackedFedAvg, privacy_from_tags, strict_json
 from server.tracking import Tracker
@@ -105,6 +113,51 @@ def outcome(strategy: TrackedFedAvg, *, asked: int) -> dict[str, Any]:
 
 
 @dataclass
+class InitialModel:
+    """What a campaign started from: its fingerprint and where it came from.
+
+    ``bundle`` is the model to start from when the run config's ``init-model`` names one
+    (a ``busfed pretrain`` version 0, say) and the campaign is not resumed.
+    """
+
+    source: str
+    sha256: str = ""
+    bundle: ModelBundle | None = None
+
+    def tags(self) -> dict[str, str]:
+        return {"initial_model": self.source, "initial_model_sha256": self.sha256}
+
+
+def initial_model(run_config: dict[str, Any], start: ResumePoint) -> InitialModel:
+    """The campaign's initial model: a resumed campaign's (from its versions' tags), the
+    run config's ``init-model`` (a model folder on the server, or ``models:/NAME/VERSION``
+    at the consortium's MLflow), or the seeded random weights.
+
+    Raises
+    ------
+    FederationError
+        ``init-model`` cannot be loaded, or is not the run config's model kind.
+    """
+    if start.bundle is not None:
+        return InitialModel(
+            source=start.initial_tags.get("initial_model", f"version {start.model_version}"),
+            sha256=start.initial_tags.get("initial_model_sha256")
+            or fingerprint(get_weights(start.bundle)),
+        )
+    source = str(run_config.get("init-model", ""))
+    if not source:
+        return InitialModel(source=f"seeded random weights (seed {INITIAL_SEED})")
+    model, _ = chosen_model(run_config)
+    try:
+        bundle, _ = load_model(source, tracking_uri=str(run_config["mlflow-tracking-uri"]))
+    except BusfedError as error:
+        raise FederationError(f"init-model {source}: {error}") from None
+    if bundle.kind != model:
+        raise FederationError(f"init-model {source} is a {bundle.kind} model, not {model}")
+    return InitialModel(source=source, bundle=bundle)
+
+
+@dataclass
 class ResumePoint:
     """Where a campaign starts: round 0 from the seeded model, or its last registered round."""
 
@@ -112,6 +165,7 @@ class ResumePoint:
     model_version: str | None = None
     bundle: ModelBundle | None = None
     site_privacy: dict[str, dict[str, float]] = field(default_factory=dict)
+    initial_tags: dict[str, str] = field(default_factory=dict)
 
     def as_json(self) -> dict[str, Any] | None:
         if self.model_version is None:
@@ -145,6 +199,7 @@ def resume_point(tracker: Tracker, campaign: str, *, resume: bool) -> ResumePoin
         model_version=str(last.version),
         bundle=tracker.load_version(last),
         site_privacy=privacy_from_tags(dict(last.tags)),
+        initial_tags={k: v for k, v in last.tags.items() if k.startswith("initial_model")},
     )
 
 
@@ -186,13 +241,16 @@ def main(grid: Grid, context: Context) -> None:
     tracker.log_params({k: v for k, v in rc.items() if not k.startswith("mlflow")})
     tracker.tag_run({"campaign": campaign})
     start = resume_point(tracker, campaign, resume=bool(rc.get("resume", False)))
-    bundle = start.bundle or build_bundle(preset, seed=INITIAL_SEED, model=model)
+    initial = initial_model(dict(rc), start)
+    bundle = start.bundle or initial.bundle or build_bundle(preset, seed=INITIAL_SEED, model=model)
+    if start.bundle is None:
+        initial.sha256 = fingerprint(get_weights(bundle))
     if bundle.kind != model:
         raise FederationError(f"campaign {campaign!r} trains model {bundle.kind!r}, not {model!r}")
-    if start.bundle is not None and start.bundle.preset.name != preset:
+    if bundle.preset.name != preset:
+        what = "was trained" if start.bundle is not None else f"starts from {initial.source}"
         raise FederationError(
-            f"campaign {campaign!r} was trained with preset {start.bundle.preset.name!r}, "
-            f"not {preset!r}"
+            f"campaign {campaign!r} {what} with preset {bundle.preset.name!r}, not {preset!r}"
         )
     if start.round >= rounds:
         log(INFO, "busfed: campaign %s already has %s rounds; nothing to do", campaign, rounds)
@@ -204,6 +262,7 @@ def main(grid: Grid, context: Context) -> None:
         campaign=campaign,
         round_offset=start.round,
         site_privacy=start.site_privacy,
+        version_tags=initial.tags(),
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=min_sites,
@@ -215,6 +274,7 @@ def main(grid: Grid, context: Context) -> None:
             "round": server_round + start.round,
             "campaign": campaign,
             "run_id": str(context.run_id),
+            "initial-model": initial.sha256,
         },
         on_evaluate_config_fn=lambda server_round: {"round": server_round + start.round},
     )

@@ -144,6 +144,7 @@ class TrackedFedAvg(FedAvg):
         campaign: str,
         round_offset: int = 0,
         site_privacy: dict[str, dict[str, float]] | None = None,
+        version_tags: dict[str, str] | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -152,6 +153,7 @@ class TrackedFedAvg(FedAvg):
         self.rounds_log = rounds_log
         self.secure_aggregation = secure_aggregation
         self.campaign = campaign
+        self.version_tags = dict(version_tags or {})  # on every registered version
         # Flower numbers a run's rounds from 1; a resumed campaign continues its own count.
         self.round_offset = round_offset
         self.records: list[RoundRecord] = []
@@ -233,6 +235,7 @@ class TrackedFedAvg(FedAvg):
             "privacy_unit": "patient",
             "flower_run": self.tracker.run_id,
             "campaign": self.campaign,
+            **self.version_tags,
         }
         for site, values in record.sites.items():
             if "epsilon" in values:

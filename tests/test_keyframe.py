@@ -55,6 +55,7 @@ from common.models.bundle import (
     KeyFrameBundle,
     WauveBundle,
     build_bundle,
+    fingerprint,
     get_weights,
     set_weights,
 )
@@ -66,9 +67,9 @@ from common.privacy.ledger import LEDGER_FILE
 from common.privacy.settings import DPSettings
 from deploy.metrics_cli import metrics_app
 from deploy.predict_cli import predict_app
-from deploy.registry import load_model
 from deploy.synth import generate_site
 from server.app import INITIAL_SEED, chosen_model
+from server.registry import load_model
 from server.strategy import TrackedFedAvg
 from server.tracking import Tracker, model_card
 
@@ -463,6 +464,7 @@ def test_a_keyframe2d_round_of_a_still_image_site_and_a_video_site(
     model, registered = chosen_model({"model": "keyframe2d", "registered-model": ""})
     server_bundle = build_bundle("tiny", seed=INITIAL_SEED, model=model)
     initial = get_weights(server_bundle)
+    start = fingerprint(initial)  # the campaign's initial model, named in every entry
     configs = {
         "stills": _site_config(tmp_path / "stills", image_site, "stills"),
         "sweeps": _site_config(tmp_path / "sweeps", video_site, "sweeps"),
@@ -470,13 +472,15 @@ def test_a_keyframe2d_round_of_a_still_image_site_and_a_video_site(
     results = []
     for name, config in configs.items():
         client = SiteClient(load_site_config(config), KEYFRAME_RUN)
-        weights, n_patients, metrics = client.fit(initial, {"round": 1, "run_id": "r1"})
+        weights, n_patients, metrics = client.fit(
+            initial, {"round": 1, "run_id": "r1", "initial-model": start}
+        )
         assert len(weights) == len(initial)
         assert metrics["model"] == "keyframe2d" and math.isfinite(float(metrics["epsilon"]))
         assert "keyframe_loss" in metrics and "detector_loss" not in metrics
-        assert [(e["model"], e["status"], e["steps"]) for e in _ledger(config)] == [
-            ("keyframe", "trained", 1)
-        ]
+        assert [
+            (e["model"], e["status"], e["steps"], e["initial_model"]) for e in _ledger(config)
+        ] == [("keyframe", "trained", 1, start)]
         loss, n_val, val = client.evaluate(weights, {"round": 1})
         assert n_val >= 1 and "keyframe_val_loss" in val and math.isfinite(loss)
         results.append(
@@ -493,6 +497,7 @@ def test_a_keyframe2d_round_of_a_still_image_site_and_a_video_site(
     strategy = TrackedFedAvg(
         bundle=server_bundle, tracker=tracker, rounds_log=tmp_path / "rounds.jsonl",
         secure_aggregation=False, campaign="kf",
+        version_tags={"initial_model": "seeded", "initial_model_sha256": start},
     )  # fmt: skip
     parameters, _ = strategy.aggregate_fit(1, results, [])
     assert parameters is not None
@@ -506,6 +511,7 @@ def test_a_keyframe2d_round_of_a_still_image_site_and_a_video_site(
 
     bundle, info = load_model(f"models:/{registered}/1", tracking_uri=uri)
     assert isinstance(bundle, KeyFrameBundle) and info["card"]["model"] == "keyframe2d"
+    assert info["card"]["initial_model_sha256"] == start
     assert info["card"]["keyframe_params"] == _n_params(bundle.keyframe)
     for got, want in zip(get_weights(bundle), mean, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -16,7 +16,9 @@ network mapping in a fixed order. A network's name is also its prefix in
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -203,6 +205,21 @@ def build_bundle(preset_name: str, *, seed: int, model: str = DEFAULT_MODEL) -> 
     preset = get_preset(preset_name)
     torch.manual_seed(seed)
     return cls.build(preset)
+
+
+def fingerprint(arrays: Sequence[np.ndarray]) -> str:
+    """SHA-256 over every array's shape and float32 bytes: the identity of a global model.
+
+    float32 because that is what the site's models hold: SecAgg+ hands the server float64
+    aggregates, which the sites load as float32, while a model resumed from the registry is
+    sent as float32. Both are the same model and must match.
+    """
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        h.update(str(a.shape).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
 
 
 def _named_tensors(bundle: ModelBundle) -> list[tuple[str, torch.Tensor]]:

@@ -11,7 +11,8 @@ Format (one UTF-8 line per entry, ``\\n``-terminated):
   with padding (RFC 4648, 88 characters).
 - an optional field is absent, never ``null``: ``noise_source`` (which randomness drew the
   noise and the patient samples) came after the first ledgers were written, whose entries
-  lack it and still verify.
+  lack it and still verify; so is ``initial_model`` (the SHA-256 fingerprint of the model
+  the campaign started from, e.g. a ``busfed pretrain`` version 0).
 
 One entry is written per mechanism application (one model in one round) and per refusal.
 The file is append-only: lines are never rewritten. Each line goes to disk with a single
@@ -89,6 +90,12 @@ class UnsignedEntry(BaseModel):
     status: Literal["trained", "refused"]
     time: str = Field(description="ISO 8601 with a UTC offset, when the entry was written")
     prev_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    initial_model: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="fingerprint of the model the campaign started from; absent in entries "
+        "written before it was recorded",
+    )
     noise_source: NoiseSource | None = Field(
         default=None,
         description="the randomness of the noise and the patient draws; absent (None) only "
@@ -202,6 +209,7 @@ class PrivacyLedger:
         budget: float,
         status: Literal["trained", "refused"],
         noise_source: NoiseSource,
+        initial_model: str | None = None,
     ) -> LedgerEntry:
         """Sign and durably append one entry; ``site``, ``time`` and ``prev_hash`` are filled.
 
@@ -223,7 +231,7 @@ class PrivacyLedger:
             "privacy_unit": privacy_unit, "n_units": n_units, **dp.model_dump(),
             "steps": steps, "delta": delta, "accountant": accountant,
             "epsilon_round": epsilon_round, "epsilon_total": epsilon_total, "budget": budget,
-            "status": status, "noise_source": noise_source,
+            "status": status, "noise_source": noise_source, "initial_model": initial_model,
         }  # fmt: skip
         created = not self.path.exists()
         fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)

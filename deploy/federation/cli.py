@@ -340,6 +340,14 @@ def start(
             "detector (WAUVE's detector alone; key-frame sites train it too)."
         ),
     ] = None,
+    init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start a new campaign from this model version: a folder on the server's "
+            "machine or models:/NAME/VERSION (e.g. busfed pretrain's version 0); default: "
+            "seeded random weights."
+        ),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option(
@@ -359,6 +367,7 @@ def start(
         campaign=campaign,
         resume=resume,
         model=model,
+        init_model=init,
     )
     console = _console()
     console.print(

@@ -99,6 +99,7 @@ def start_run(
     campaign: str | None = None,
     resume: bool = False,
     model: str | None = None,
+    init_model: str | None = None,
     app_dir: Path | None = None,
     now: dt.datetime | None = None,
 ) -> LaunchRecord:
@@ -117,6 +118,8 @@ def start_run(
         The SuperLink refused the run or is unreachable.
     """
     app_dir = APP_DIR if app_dir is None else app_dir
+    if resume and init_model:
+        raise UsageError("--init starts a new campaign; --resume continues one from its versions")
     if resume and not campaign:
         raise UsageError("--resume needs --campaign NAME: the campaign to continue")
     if campaign is not None and not re.match(NAME_PATTERN, campaign):
@@ -142,6 +145,7 @@ def start_run(
         campaign=campaign,
         resume=True if resume else None,
         model=model,
+        init_model=init_model,
     )
     run_id = consortium.cli().submit(app_dir, run_config)
     record = LaunchRecord(

@@ -4,7 +4,8 @@ MODEL is a local model version folder (``weights.pt`` + ``model.json``, as
 ``server.tracking.Tracker.register_round`` logs it) or an MLflow URI ``models:/NAME/VERSION``
 (also ``models:/NAME@ALIAS`` and ``runs:/RUN_ID/PATH``), downloaded from the registry at the
 given tracking URI. MLflow is imported only for a URI, so a folder loads without it. This
-lives in ``deploy/`` because it may open a network connection, which ``common/`` never does.
+lives in ``server/`` (which the ServerApp bundle carries: a campaign may start from a
+registered version) because it may open a network connection, which ``common/`` never does.
 """
 
 from __future__ import annotations
