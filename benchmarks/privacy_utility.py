@@ -83,7 +83,9 @@ from common.privacy.settings import DPSettings  # noqa: E402
 
 MODELS = ("keyframe-crop", "keyframe-whole", "detector")
 EPSILONS = (1.0, 3.0, 8.0)
-ARMS = ("central", "federated", *(f"dp-eps{e:g}" for e in EPSILONS))
+# "start" scores the starting model untrained: the --init model (a busfed pretrain version
+# 0), or random weights.
+ARMS = ("start", "central", "federated", *(f"dp-eps{e:g}" for e in EPSILONS))
 TARGET_SENSITIVITY = 0.90
 TARGET_AUC = 0.90  # the consortium's: federated DP at epsilon <= 8 within 0.03 of central
 SITES = ("logiq7", "logiq5", "toshiba-usystems")  # benchmarks.busbra's sites by scanner
@@ -343,6 +345,8 @@ def train_arm(
 ) -> nn.Module:
     """The arm's final model: FedAvg over ``sites``, or one pooled site for ``central``."""
     network = build_network(model, preset, seed, init)
+    if arm == "start":
+        return network
     lr = recipe.lr if arm.startswith("dp-eps") else recipe.lr_no_dp
     if arm == "central":
         pooled = SiteRun("all", [u for s in sites for u in s.units], sites[0].dp, sites[0].delta)
@@ -388,7 +392,7 @@ def site_runs(
             dp = DPSettings.allowing_noise_off(
                 noise_multiplier=0.0, max_grad_norm=NO_CLIP, sample_rate=recipe.sample_rate
             )
-            spent = math.inf
+            spent = 0.0 if arm == "start" else math.inf  # the start has seen no patient
         runs.append(SiteRun(name, units, dp, delta, spent))
     return runs
 
@@ -527,10 +531,14 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", color=colors[model],
                     label=f"{label}, federated DP")  # fmt: skip
-        for arm, style in (("central", "--"), ("federated", ":")):
+        for arm, style, what in (
+            ("start", "-", "starting model, untrained"),
+            ("central", "--", "central no DP"),
+            ("federated", ":", "federated no DP"),
+        ):
             if arm in mine:
                 ax.axhline(mine[arm][metric], color=colors[model], linestyle=style, linewidth=1.2,
-                           label=f"{label}, {arm} no DP")  # fmt: skip
+                           label=f"{label}, {what}")  # fmt: skip
     ax.axhline(TARGET_AUC, color="black", linestyle="-.", linewidth=0.8,
                label=f"consortium's target AUC {TARGET_AUC:.2f}")  # fmt: skip
     ax.axhline(0.5, color="grey", linewidth=0.5)

@@ -160,12 +160,12 @@ def _samples(
     names = set(bundle.networks)
     out: list[tuple[str, list[Tensor], list[Tensor], list[dict[str, Tensor]]]] = []
     if "keyframe" in names:
-        units = build_keyframe_units(site, preset, split=split).keyframe
+        frames = build_keyframe_units(site, preset, split=split).keyframe
         out.append(
             (
                 "keyframe",
-                [x for u in units for x in u.images],
-                [y for u in units for y in u.labels],
+                [x for u in frames for x in u.images],
+                [y for u in frames for y in u.labels],
                 [],
             )
         )
@@ -199,19 +199,40 @@ def _flip(batch: Tensor, generator: torch.Generator) -> Tensor:
     return batch
 
 
-def _schedule(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warm-up over 5% of the steps, then cosine decay to 0."""
-    warmup = max(1, steps // 20)
+def optimise(
+    name: str,
+    network: nn.Module,
+    loss_of_step: Callable[[], Tensor],
+    settings: Settings,
+    progress: Progress | None = None,
+) -> list[float]:
+    """AdamW over ``settings.steps`` minibatch losses; linear warm-up over 5% of the
+    steps, then cosine decay to 0. Returns the step losses."""
+    network.train()
+    params = [p for p in network.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    steps, warmup = settings.steps, max(1, settings.steps // 20)
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    losses = []
+    for step in range(steps):
+        loss = loss_of_step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress(name, step + 1, steps, losses[-1])
+    return losses
 
 
-def train_logit_network(
+def train_network(
     name: str,
     network: nn.Module,
     data: NetworkData,
@@ -220,65 +241,36 @@ def train_logit_network(
     generator: torch.Generator,
     progress: Progress | None = None,
 ) -> list[float]:
-    """Train a one-logit network (key-frame model, I3D) in place; return the step losses.
+    """Train one network in place; return the step losses.
 
-    Minibatches are drawn with replacement, each class equally likely, so a data set with
-    few malignant lesions still teaches both classes.
+    The detector learns Faster R-CNN's four losses on random boxed frames. A one-logit
+    network (key-frame model, I3D) learns binary cross-entropy on minibatches drawn with
+    replacement, each class equally likely, so that a data set with few malignant lesions
+    still teaches both classes.
     """
+    if name == "detector":
+
+        def detector_loss() -> Tensor:
+            index = torch.randint(len(data.inputs), (settings.batch_size,), generator=generator)
+            images = [data.inputs[i] for i in index.tolist()]
+            losses = network(images, [data.targets[i] for i in index.tolist()])
+            return torch.stack(list(losses.values())).sum()
+
+        return optimise(name, network, detector_loss, settings, progress)
     x = torch.stack(data.inputs)
     y = torch.stack(data.labels).float()
     positives = float(y.sum())
     if positives in (0.0, float(len(y))):
         raise DataError(f"the {name} needs both classes in the public data; found one only")
     weights = torch.where(y > 0.5, 1.0 / positives, 1.0 / (len(y) - positives))
-    network.train()
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = _schedule(optimizer, settings.steps)
-    losses = []
-    for step in range(settings.steps):
+
+    def loss_of_step() -> Tensor:
         index = torch.multinomial(
             weights, settings.batch_size, replacement=True, generator=generator
         )
-        loss = F.binary_cross_entropy_with_logits(network(_flip(x[index], generator)), y[index])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
-        if progress is not None:
-            progress(name, step + 1, settings.steps, losses[-1])
-    return losses
+        return F.binary_cross_entropy_with_logits(network(_flip(x[index], generator)), y[index])
 
-
-def train_detector_network(
-    network: nn.Module,
-    data: NetworkData,
-    settings: Settings,
-    *,
-    generator: torch.Generator,
-    progress: Progress | None = None,
-) -> list[float]:
-    """Train the Faster R-CNN detector in place on boxed frames; return the step losses."""
-    network.train()
-    params = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    scheduler = _schedule(optimizer, settings.steps)
-    losses = []
-    n = len(data.inputs)
-    for step in range(settings.steps):
-        index = torch.randint(n, (settings.batch_size,), generator=generator).tolist()
-        loss = sum(
-            network([data.inputs[i] for i in index], [data.targets[i] for i in index]).values()
-        )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()  # type: ignore[union-attr]
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss))
-        if progress is not None:
-            progress("detector", step + 1, settings.steps, losses[-1])
-    return losses
+    return optimise(name, network, loss_of_step, settings, progress)
 
 
 @torch.no_grad()
@@ -302,7 +294,9 @@ def held_out_scores(name: str, network: nn.Module, data: NetworkData) -> dict[st
     result: dict[str, Any] = {"n": len(labels), "malignant": int(labels.sum())}
     if 0 < labels.sum() < len(labels):
         ci = auc_ci(labels, logits, direction="<")
-        result.update(auc=ci.auc, auc_ci=[ci.ci_low, ci.ci_high])
+        # DeLong's CI is undefined (NaN) with one case of a class: null, never NaN, in JSON.
+        bounds = [b if math.isfinite(b) else None for b in (ci.ci_low, ci.ci_high)]
+        result.update(auc=ci.auc, auc_ci=bounds)
     return result
 
 
@@ -331,14 +325,9 @@ def pretrain(
     networks: dict[str, Any] = {}
     for name, network in bundle.networks.items():
         data = pooled[name]
-        if name == "detector":
-            losses = train_detector_network(
-                network, data, settings, generator=generator, progress=progress
-            )
-        else:
-            losses = train_logit_network(
-                name, network, data, settings, generator=generator, progress=progress
-            )
+        losses = train_network(
+            name, network, data, settings, generator=generator, progress=progress
+        )
         tail = losses[-max(1, len(losses) // 10) :]
         networks[name] = {
             "samples": len(data.inputs),

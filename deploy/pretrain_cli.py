@@ -137,8 +137,8 @@ def _print_summary(section: dict[str, Any], folder: Path) -> None:
     for name, result in section["networks"].items():
         held = result["held_out"]
         if "auc" in held:
-            low, high = held["auc_ci"]
-            score = f"held-out AUC {held['auc']:.3f} ({low:.3f}-{high:.3f}), n={held['n']}"
+            low, high = (f"{b:.3f}" if b is not None else "?" for b in held["auc_ci"])
+            score = f"held-out AUC {held['auc']:.3f} ({low}-{high}), n={held['n']}"
         elif "recall@0.5" in held:
             score = f"held-out recall@0.5 {held['recall@0.5']:.3f}, AP {held['ap@0.5']:.3f}"
         else:

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from common.models.bundle import build_bundle
+from common.models.loading import save_bundle_dir
 from common.privacy.accountant import SiteAccountant
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +92,18 @@ def test_the_sample_gives_the_table_the_csv_and_the_plot(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert "44 images of 24 patients" in again.stdout
     assert "| keyframe-whole | federated |" in again.stdout
+
+    # --init: every arm starts from a model version; "start" scores it untrained, at ε 0
+    start = build_bundle("tiny", seed=5, model="keyframe2d")
+    save_bundle_dir(start, tmp_path / "v0", {"preset": "tiny", "round": 0})
+    init = run(
+        "--arrays", str(arrays), "--folds", "1", "--arms", "start", "--models", "keyframe-crop",
+        "--init", str(tmp_path / "v0"), "--out", str(tmp_path / "c"), "--threads", "1",
+    )  # fmt: skip
+    assert init.returncode == 0, init.stderr[-3000:]
+    with (tmp_path / "c" / "privacy_utility.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["arm"] == "start" and float(row["eps_logiq7"]) == 0.0
 
 
 def test_an_unknown_arm_is_refused_by_name(tmp_path):
