@@ -179,7 +179,7 @@ def _architecture(path: Path, state: dict[str, Any]) -> str:
         return "resnet34"
     raise DataError(
         f"{path}: not a torchvision ResNet-34/50 state dict (no layer1.0.conv2.weight; "
-        f"first keys: {', '.join(list(state)[:3]) or 'none'})"
+        f"first keys: {', '.join(map(str, list(state)[:3])) or 'none'})"
     )
 
 
