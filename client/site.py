@@ -41,6 +41,7 @@ from common.evaluation.validation import (
     evaluate_keyframe,
 )
 from common.models.bundle import (
+    CLIPPING_RANGE,
     DEFAULT_MODEL,
     DetectorBundle,
     KeyFrameBundle,
@@ -59,10 +60,6 @@ from common.pipeline.run import detector_clip_windows
 from common.privacy.ledger import LEDGER_METRIC, LedgerEntry
 from common.privacy.settings import DPSettings
 
-# SecAgg+ quantizes values in [-CLIPPING_RANGE, CLIPPING_RANGE]; anything outside would be
-# silently clipped in the sum, so the site refuses to send it (it is the only one who can
-# look: the server sees masked vectors only).
-CLIPPING_RANGE = 8.0
 EVENTS_FILE = "events.jsonl"
 # How each network trains; the chosen bundle's ``networks`` say which ones a round trains.
 TRAINERS: dict[str, Callable[..., MechanismRecord]] = {

@@ -122,8 +122,8 @@ def _detector_loss(
 ) -> float:
     """Mean Faster R-CNN loss per image; NaN without images.
 
-    Taken in train mode (Faster R-CNN returns losses only there); with GroupNorm nothing
-    in train mode updates state, so this is a pure evaluation.
+    Taken in train mode (Faster R-CNN returns losses only there); with GroupNorm or frozen
+    BatchNorm nothing in train mode updates state, so this is a pure evaluation.
     """
     detector = detector.to(device).train()
     losses = []

@@ -12,6 +12,11 @@ registry, ``common.models.loading``) goes through ``ModelBundle.networks``, a na
 network mapping in a fixed order. A network's name is also its prefix in
 ``weight_names``, its key in a saved ``weights.pt``, its site privacy section
 (``[privacy.<name>]``) and the ``model`` of its privacy-ledger entries.
+
+Every bundle kind is built with a ``trunk`` (``common.models.detector.TRUNKS``): GroupNorm
+(the default) or frozen BatchNorm for ImageNet weights (``common.models.backbone``). The
+model card names it, and the tensors differ, so a trunk's weights load only into the same
+trunk.
 """
 
 from __future__ import annotations
@@ -28,21 +33,25 @@ from torch import nn
 from torchvision.models.detection import FasterRCNN
 
 from common.errors import UsageError
-from common.models.detector import build_detector
+from common.models.detector import DEFAULT_TRUNK, TRUNKS, build_detector, check_trunk
 from common.models.i3d import I3D, build_classifier
 from common.models.keyframe import KeyFrameResNet, build_keyframe_model
 from common.models.presets import Preset, get_preset
 
 DEFAULT_MODEL = "wauve"
+# SecAgg+ quantizes values in [-CLIPPING_RANGE, CLIPPING_RANGE]; anything outside would be
+# silently clipped in the sum, so a site refuses to send it (it is the only one who can
+# look: the server sees masked vectors only), and loaded weights must fit it.
+CLIPPING_RANGE = 8.0
 
 
 def _n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def _detector_card(detector: FasterRCNN, preset: Preset) -> dict[str, Any]:
+def _detector_card(detector: FasterRCNN, preset: Preset, trunk: str) -> dict[str, Any]:
     return {
-        "detector": "Faster R-CNN, ResNet-34 + FPN, GroupNorm, 1 lesion class",
+        "detector": f"Faster R-CNN, ResNet-34 + FPN, {TRUNKS[trunk]}, 1 lesion class",
         "detector_params": _n_params(detector),
         "detector_image_size": preset.detector.image_size,
     }
@@ -60,17 +69,23 @@ class ModelBundle(ABC):
     method : str
         What the model is, in words, for the model card.
     preset : Preset
+    trunk : str
+        How the ResNet trunks are normalised, one of ``TRUNKS``.
     """
 
     kind: ClassVar[str]
     method: ClassVar[str]
     network_names: ClassVar[tuple[str, ...]]
     preset: Preset
+    trunk: str
 
     @classmethod
     @abstractmethod
-    def build(cls, preset: Preset) -> Self:
-        """Untrained networks from the torch RNG as it stands (``build_bundle`` seeds it)."""
+    def build(cls, preset: Preset, *, trunk: str = DEFAULT_TRUNK) -> Self:
+        """Untrained networks from the torch RNG as it stands (``build_bundle`` seeds it).
+
+        Raises ``UsageError`` for a ``trunk`` not in ``TRUNKS``.
+        """
 
     @property
     @abstractmethod
@@ -103,13 +118,15 @@ class WauveBundle(ModelBundle):
     preset: Preset
     detector: FasterRCNN
     classifier: I3D
+    trunk: str = DEFAULT_TRUNK
 
     @classmethod
-    def build(cls, preset: Preset) -> Self:
+    def build(cls, preset: Preset, *, trunk: str = DEFAULT_TRUNK) -> Self:
         return cls(
             preset=preset,
-            detector=build_detector(preset.detector),
-            classifier=build_classifier(preset.classifier),
+            detector=build_detector(preset.detector, trunk=trunk),
+            classifier=build_classifier(preset.classifier, trunk=trunk),
+            trunk=trunk,
         )
 
     @property
@@ -118,8 +135,9 @@ class WauveBundle(ModelBundle):
 
     def architecture(self) -> dict[str, Any]:
         return {
-            **_detector_card(self.detector, self.preset),
-            "classifier": "I3D inflated from ResNet-50, GroupNorm, 1 malignancy logit",
+            "trunk": self.trunk,
+            **_detector_card(self.detector, self.preset, self.trunk),
+            "classifier": f"I3D inflated from ResNet-50, {TRUNKS[self.trunk]}, 1 malignancy logit",
             "classifier_params": _n_params(self.classifier),
             "clip_len": self.preset.classifier.clip_len,
             "clip_size": self.preset.classifier.clip_size,
@@ -136,10 +154,12 @@ class KeyFrameBundle(ModelBundle):
 
     preset: Preset
     keyframe: KeyFrameResNet
+    trunk: str = DEFAULT_TRUNK
 
     @classmethod
-    def build(cls, preset: Preset) -> Self:
-        return cls(preset=preset, keyframe=build_keyframe_model(preset.keyframe))
+    def build(cls, preset: Preset, *, trunk: str = DEFAULT_TRUNK) -> Self:
+        keyframe = build_keyframe_model(preset.keyframe, trunk=trunk)
+        return cls(preset=preset, keyframe=keyframe, trunk=trunk)
 
     @property
     def networks(self) -> dict[str, nn.Module]:
@@ -147,7 +167,9 @@ class KeyFrameBundle(ModelBundle):
 
     def architecture(self) -> dict[str, Any]:
         return {
-            "keyframe": "ResNet-50, GroupNorm, 1 malignancy logit, on lesion crops of key frames",
+            "trunk": self.trunk,
+            "keyframe": f"ResNet-50, {TRUNKS[self.trunk]}, 1 malignancy logit, "
+            "on lesion crops of key frames",
             "keyframe_params": _n_params(self.keyframe),
             "keyframe_image_size": self.preset.keyframe.image_size,
         }
@@ -168,17 +190,20 @@ class DetectorBundle(ModelBundle):
 
     preset: Preset
     detector: FasterRCNN
+    trunk: str = DEFAULT_TRUNK
 
     @classmethod
-    def build(cls, preset: Preset) -> Self:
-        return cls(preset=preset, detector=build_detector(preset.detector))
+    def build(cls, preset: Preset, *, trunk: str = DEFAULT_TRUNK) -> Self:
+        return cls(
+            preset=preset, detector=build_detector(preset.detector, trunk=trunk), trunk=trunk
+        )
 
     @property
     def networks(self) -> dict[str, nn.Module]:
         return {"detector": self.detector}
 
     def architecture(self) -> dict[str, Any]:
-        return _detector_card(self.detector, self.preset)
+        return {"trunk": self.trunk, **_detector_card(self.detector, self.preset, self.trunk)}
 
 
 MODELS: dict[str, type[ModelBundle]] = {
@@ -195,16 +220,21 @@ def bundle_class(model: str) -> type[ModelBundle]:
         raise UsageError(f"unknown model {model!r}; known models: {known}") from None
 
 
-def build_bundle(preset_name: str, *, seed: int, model: str = DEFAULT_MODEL) -> ModelBundle:
+def build_bundle(
+    preset_name: str, *, seed: int, model: str = DEFAULT_MODEL, trunk: str = DEFAULT_TRUNK
+) -> ModelBundle:
     """Build the untrained networks of ``model``; the same ``seed`` gives the same weights.
 
     Every site and the server build the initial model themselves, so the initial weights
     must not depend on the process' random state. The global torch RNG is reseeded.
+    ``trunk`` is one of ``TRUNKS``; an unknown model, preset or trunk is a ``UsageError``
+    listing the known ones.
     """
     cls = bundle_class(model)
     preset = get_preset(preset_name)
+    check_trunk(trunk)
     torch.manual_seed(seed)
-    return cls.build(preset)
+    return cls.build(preset, trunk=trunk)
 
 
 def fingerprint(arrays: Sequence[np.ndarray]) -> str:

@@ -1,6 +1,13 @@
-"""Per-frame lesion detector: Faster R-CNN with a ResNet-34 + FPN backbone and GroupNorm.
+"""Per-frame lesion detector: Faster R-CNN with a ResNet-34 + FPN backbone.
 
-Also home of the width-scaled ResNet that the I3D classifier reuses.
+Also home of what the three networks' ResNet trunks share: the width-scaled ResNet and
+the trunk's normalisation (``TRUNKS``):
+
+* ``groupnorm``: GroupNorm, trained from a random start (DP-SGD cannot use BatchNorm);
+* ``frozen-bn``: BatchNorm frozen into fixed affine maps (``FrozenAffine``), as
+  torchvision's detection models freeze ImageNet BatchNorm; meant for trunks that start
+  from ImageNet weights (``common.models.backbone``). Without them it is the identity and
+  the trunk is not normalised at all.
 """
 
 from __future__ import annotations
@@ -17,9 +24,14 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
+from common.errors import UsageError
+from common.models.frozen import FrozenAffine
 from common.models.presets import DetectorPreset
 
 NormLayer = Callable[[int], nn.Module]
+
+DEFAULT_TRUNK = "groupnorm"
+TRUNKS: dict[str, str] = {"groupnorm": "GroupNorm", "frozen-bn": "frozen BatchNorm"}
 
 NUM_CLASSES = 2  # background + lesion
 
@@ -35,6 +47,24 @@ def group_norm(num_groups: int) -> NormLayer:
 
 def _group_norm(num_groups: int, channels: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(num_groups, channels), channels)
+
+
+def check_trunk(trunk: str) -> str:
+    """Return ``trunk`` if it is one of ``TRUNKS``; raise ``UsageError`` listing them."""
+    if trunk not in TRUNKS:
+        known = ", ".join(TRUNKS)
+        raise UsageError(f"unknown trunk {trunk!r}; known trunks: {known}")
+    return trunk
+
+
+def trunk_norm(trunk: str, num_groups: int) -> NormLayer:
+    """The ``norm_layer(channels)`` of a ``trunk`` (one of ``TRUNKS``).
+
+    ``num_groups`` is the preset's GroupNorm setting; ``frozen-bn`` ignores it.
+    """
+    if check_trunk(trunk) == "frozen-bn":
+        return FrozenAffine
+    return group_norm(num_groups)
 
 
 class ScaledResNet(ResNet):
@@ -55,7 +85,8 @@ class ScaledResNet(ResNet):
     width : int
         Stem channels.
     norm_layer : callable
-        ``norm_layer(channels)``; GroupNorm for DP-SGD, which cannot use BatchNorm.
+        ``norm_layer(channels)`` (``trunk_norm``): GroupNorm or ``FrozenAffine``, as DP-SGD
+        cannot use BatchNorm.
     """
 
     def __init__(
@@ -98,17 +129,21 @@ def init_resnet_weights(module: nn.Module) -> None:
             nn.init.constant_(m.bias, 0)
 
 
-def build_detector(preset: DetectorPreset) -> FasterRCNN:
+def build_detector(preset: DetectorPreset, *, trunk: str = DEFAULT_TRUNK) -> FasterRCNN:
     """Build an untrained Faster R-CNN ResNet-34 + FPN lesion detector.
 
-    GroupNorm replaces BatchNorm everywhere in the backbone (DP-SGD cannot use BatchNorm,
-    and without pretrained weights torchvision's FrozenBatchNorm normalises nothing); the
-    FPN, RPN and box heads have no normalisation, as in torchvision. All layers train.
+    The backbone's BatchNorm layers are GroupNorm (``trunk="groupnorm"``: DP-SGD cannot use
+    BatchNorm, and without pretrained weights torchvision's FrozenBatchNorm normalises
+    nothing) or ``FrozenAffine`` (``"frozen-bn"``, for ImageNet weights loaded with
+    ``common.models.backbone.load_backbone_weights``). The FPN, RPN and box heads have no
+    normalisation, as in torchvision. Every parameter trains (``FrozenAffine`` has none).
 
     Parameters
     ----------
     preset : DetectorPreset
         Architecture knobs; ``preset.image_size`` is both ``min_size`` and ``max_size``.
+    trunk : str
+        One of ``TRUNKS``; ``UsageError`` otherwise.
 
     Returns
     -------
@@ -123,7 +158,7 @@ def build_detector(preset: DetectorPreset) -> FasterRCNN:
     """
     w = preset.width
     body = ScaledResNet(
-        BasicBlock, preset.layers, width=w, norm_layer=group_norm(preset.num_groups)
+        BasicBlock, preset.layers, width=w, norm_layer=trunk_norm(trunk, preset.num_groups)
     )
     backbone = BackboneWithFPN(
         body,

@@ -1,4 +1,6 @@
-"""Video classifier: I3D inflated from torchvision's ResNet-50, with GroupNorm and one logit.
+"""Video classifier: I3D inflated from torchvision's ResNet-50, with one logit.
+
+Its trunk is normalised by GroupNorm or frozen BatchNorm (``common.models.detector.TRUNKS``).
 
 Inflation follows the I3D ResNet-50 of Wang et al., "Non-local Neural Networks" (2018),
 kept simple: the stem becomes 5x7x7, the first 1x1 convolution of every other bottleneck
@@ -15,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from common.models.detector import ScaledResNet, group_norm, init_resnet_weights
+from common.models.detector import DEFAULT_TRUNK, ScaledResNet, init_resnet_weights, trunk_norm
 from common.models.presets import ClassifierPreset
 
 STEM_TIME_KERNEL = 5
@@ -72,17 +74,25 @@ class I3D(nn.Module):
     """I3D ResNet-50 producing one malignancy logit per clip.
 
     Input: FloatTensor[B, 3, T, H, W] in [0, 1] (grayscale repeated to 3 channels;
-    T = clip_len, H = W = clip_size). Train and eval behave the same (GroupNorm, no
-    dropout): ``forward`` returns logits FloatTensor[B]; ``sigmoid`` gives P(malignant).
+    T = clip_len, H = W = clip_size). Train and eval behave the same (GroupNorm or frozen
+    BatchNorm, no dropout): ``forward`` returns logits FloatTensor[B]; ``sigmoid`` gives
+    P(malignant). The stem is ``stem.0`` (convolution) and ``stem.1`` (normalisation); the
+    stages keep torchvision's names (``layer1.0.conv1``, ...).
+
+    Parameters
+    ----------
+    preset : ClassifierPreset
+    trunk : str
+        One of ``common.models.detector.TRUNKS``.
     """
 
-    def __init__(self, preset: ClassifierPreset) -> None:
+    def __init__(self, preset: ClassifierPreset, *, trunk: str = DEFAULT_TRUNK) -> None:
         super().__init__()
         resnet = ScaledResNet(
             OutOfPlaceBottleneck,
             preset.layers,
             width=preset.width,
-            norm_layer=group_norm(preset.num_groups),
+            norm_layer=trunk_norm(trunk, preset.num_groups),
         )
         self.stem = nn.Sequential(
             _inflate(resnet.conv1, STEM_TIME_KERNEL),
@@ -120,6 +130,6 @@ class I3D(nn.Module):
         return self.head(self.features(x))
 
 
-def build_classifier(preset: ClassifierPreset) -> I3D:
+def build_classifier(preset: ClassifierPreset, *, trunk: str = DEFAULT_TRUNK) -> I3D:
     """Build an untrained I3D ResNet-50 video classifier (see ``I3D`` for the contract)."""
-    return I3D(preset)
+    return I3D(preset, trunk=trunk)

@@ -1,7 +1,8 @@
 """The WAUVE paper's comparator: a 2D ResNet-50 on lesion crops of key frames, one logit.
 
 It is torchvision's ResNet-50 (``ScaledResNet`` at width 64 has torchvision's module tree
-and parameter shapes) with GroupNorm instead of BatchNorm, out-of-place bottlenecks (for
+and parameter shapes) with GroupNorm or frozen BatchNorm instead of BatchNorm (the
+trunk, ``common.models.detector.TRUNKS``), out-of-place bottlenecks (for
 Opacus' hooks) and a one-logit head. It is also the model of sites that archive only
 static key frames.
 """
@@ -12,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models.resnet import Bottleneck
 
-from common.models.detector import ScaledResNet, group_norm
+from common.models.detector import DEFAULT_TRUNK, ScaledResNet, trunk_norm
 from common.models.i3d import OutOfPlaceBottleneck
 from common.models.presets import KeyFramePreset
 
@@ -21,16 +22,22 @@ class KeyFrameResNet(ScaledResNet):
     """2D ResNet-50 producing one malignancy logit per lesion crop.
 
     Input: FloatTensor[B, 3, S, S] in [0, 1] (grayscale repeated to 3 channels;
-    S = ``image_size``). Train and eval behave the same (GroupNorm, no dropout):
-    ``forward`` returns logits FloatTensor[B]; ``sigmoid`` gives P(malignant).
+    S = ``image_size``). Train and eval behave the same (GroupNorm or frozen BatchNorm, no
+    dropout): ``forward`` returns logits FloatTensor[B]; ``sigmoid`` gives P(malignant).
+
+    Parameters
+    ----------
+    preset : KeyFramePreset
+    trunk : str
+        One of ``common.models.detector.TRUNKS``.
     """
 
-    def __init__(self, preset: KeyFramePreset) -> None:
+    def __init__(self, preset: KeyFramePreset, *, trunk: str = DEFAULT_TRUNK) -> None:
         super().__init__(
             OutOfPlaceBottleneck,
             preset.layers,
             width=preset.width,
-            norm_layer=group_norm(preset.num_groups),
+            norm_layer=trunk_norm(trunk, preset.num_groups),
         )
         self.fc = nn.Linear(preset.width * 8 * Bottleneck.expansion, 1)
 
@@ -52,6 +59,6 @@ class KeyFrameResNet(ScaledResNet):
         return self.head(self.features(x))
 
 
-def build_keyframe_model(preset: KeyFramePreset) -> KeyFrameResNet:
+def build_keyframe_model(preset: KeyFramePreset, *, trunk: str = DEFAULT_TRUNK) -> KeyFrameResNet:
     """Build an untrained key-frame ResNet-50 (see ``KeyFrameResNet`` for the contract)."""
-    return KeyFrameResNet(preset)
+    return KeyFrameResNet(preset, trunk=trunk)

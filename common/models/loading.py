@@ -3,7 +3,8 @@
 The folder holds ``weights.pt`` (``torch.save({network name: state_dict})``, the names of
 the bundle's ``networks``) and ``model.json`` (the model card: at least ``preset`` and
 ``round``; ``model`` names the bundle kind, and a card without it is from before there was a
-choice: ``wauve``).
+choice: ``wauve``; ``trunk`` names the trunk's normalisation, and a card without it is
+``groupnorm``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from common.errors import DataError, UsageError
 from common.models.bundle import DEFAULT_MODEL, ModelBundle, bundle_class
+from common.models.detector import DEFAULT_TRUNK
 from common.models.presets import get_preset
 
 WEIGHTS = "weights.pt"
@@ -28,12 +30,15 @@ REQUIRED_CARD_FIELDS = ("preset", "round")
 def save_bundle_dir(bundle: ModelBundle, path: Path, card: dict[str, Any]) -> None:
     """Write ``bundle``'s weights and ``card`` (which must give ``preset`` and ``round``).
 
-    ``model`` is set to the bundle's kind, so the folder loads back as the same model.
+    ``model`` and ``trunk`` are set to the bundle's, so the folder loads back as the same
+    model.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     torch.save({name: net.state_dict() for name, net in bundle.networks.items()}, path / WEIGHTS)
-    (path / CARD).write_text(json.dumps({**card, "model": bundle.kind}, indent=2))
+    (path / CARD).write_text(
+        json.dumps({**card, "model": bundle.kind, "trunk": bundle.trunk}, indent=2)
+    )
 
 
 def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
@@ -53,7 +58,7 @@ def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
     ------
     DataError
         The folder or a file is missing, unreadable or malformed, the card names an unknown
-        preset or model, or the weights do not fit them; the message names the file.
+        preset, model or trunk, or the weights do not fit them; the message names the file.
     """
     path = Path(path)
     if not path.is_dir():
@@ -62,13 +67,13 @@ def load_bundle_dir(path: Path) -> tuple[ModelBundle, dict[str, Any]]:
     try:
         preset = get_preset(str(card["preset"]))
         cls = bundle_class(str(card.get("model", DEFAULT_MODEL)))
+        # Built directly, not with build_bundle: that reseeds the global RNG, and the
+        # initial weights are overwritten anyway.
+        bundle = cls.build(preset, trunk=str(card.get("trunk", DEFAULT_TRUNK)))
     except UsageError as error:
         raise DataError(f"{path / CARD}: {error}") from None
-    # Built directly, not with build_bundle: that reseeds the global RNG, and the initial
-    # weights are overwritten anyway.
-    bundle = cls.build(preset)
     weights = path / WEIGHTS
-    state = _read_weights(weights)
+    state = read_torch_dict(weights, "a dict of state dicts")
     for name, network in bundle.networks.items():
         if name not in state:
             raise DataError(f"{weights}: no {name!r} state dict (model {cls.kind!r})")
@@ -97,7 +102,12 @@ def _read_card(path: Path) -> dict[str, Any]:
     return card
 
 
-def _read_weights(path: Path) -> dict[str, Any]:
+def read_torch_dict(path: Path, what: str) -> dict[str, Any]:
+    """A ``torch.save``d dict of tensors (or of dicts of them), read on the CPU, no code run.
+
+    Raises ``DataError`` naming ``path`` if it is missing, unreadable or not a dict
+    (``what`` says what was expected).
+    """
     if not path.is_file():
         raise DataError(f"{path}: weights not found")
     try:
@@ -106,5 +116,5 @@ def _read_weights(path: Path) -> dict[str, Any]:
     except (OSError, RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
         raise DataError(f"{path}: not a readable weights file: {error}") from None
     if not isinstance(state, dict):
-        raise DataError(f"{path}: expected a dict of state dicts, got {type(state).__name__}")
+        raise DataError(f"{path}: expected {what}, got {type(state).__name__}")
     return state
