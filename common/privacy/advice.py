@@ -37,8 +37,8 @@ from common.errors import UsageError
 from common.privacy.accountant import AccountantKind, Mechanism, SiteAccountant
 
 # Expected patients per DP-SGD step when the site has more: the order of the benchmarks'
-# sites (q = 0.1 of about 350 BUS-BRA patients per scanner site), and a step of 64
-# patients' clips fits one GPU at the paper preset.
+# sites (q = 0.1 of 488 and 490 patients at BUS-BRA's two GE sites). More costs time per
+# step (``benchmarks/dp_step.py``), not privacy: the site may ask for more.
 BATCH_PATIENTS = 64
 # The bisection stops when sigma is known to within this fraction (the epsilon it reaches
 # is then within about 1 % of the target).
