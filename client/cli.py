@@ -434,7 +434,12 @@ def _print_advice(console: Console, advice: _Advice) -> None:
     if advice.chosen_epsilon is not None:
         console.print(
             f"Your site.toml values would spend ε {advice.chosen_epsilon:.3f} at delta "
-            f"{privacy.delta:g} on this campaign (budget {privacy.epsilon_budget:g}).",
+            f"{privacy.delta:g} on this campaign (budget {privacy.epsilon_budget:g})"
+            + (
+                ": over the budget, so the site would refuse the rounds past it."
+                if advice.chosen_epsilon > privacy.epsilon_budget
+                else "."
+            ),
             soft_wrap=False,
         )
 

@@ -207,3 +207,11 @@ def test_the_default_campaign_is_the_demos():
     # rounds as `busfed demo` runs; steps per round default to the site's cap, the demo's
     assert DemoSettings().rounds == CAMPAIGN_ROUNDS
     assert DemoSettings().local_steps == demo_site_config("a", Path("a")).training.max_local_steps
+
+
+def test_the_sites_own_values_are_weighed_against_its_budget(tmp_path):
+    # sigma 1.5, q 0.3, 18 steps of each network spend about 5.4 at delta 1e-5
+    within = init(tmp_path / "a", tmp_path, patients="40", campaign_epsilon="8")
+    over = init(tmp_path / "b", tmp_path, patients="40", campaign_epsilon="8", epsilon_budget="2")
+    assert "on this campaign (budget 8)." in " ".join(within.output.split())
+    assert "(budget 2): over the budget" in " ".join(over.output.split())
