@@ -47,7 +47,6 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
-import functools
 import math
 import sys
 import time
@@ -79,6 +78,7 @@ from common.models.keyframe import build_keyframe_model  # noqa: E402
 from common.models.loading import load_bundle_dir  # noqa: E402
 from common.models.presets import Preset, get_preset  # noqa: E402
 from common.privacy.accountant import SiteAccountant  # noqa: E402
+from common.privacy.advice import calibrated_sigma  # noqa: E402
 from common.privacy.settings import DPSettings  # noqa: E402
 
 MODELS = ("keyframe-crop", "keyframe-whole", "detector")
@@ -271,28 +271,6 @@ def read_init(folder: Path, preset: Preset) -> dict[str, dict[str, torch.Tensor]
     if bundle.preset.name != preset.name:
         raise SystemExit(f"{folder}: preset {bundle.preset.name}, the harness runs {preset.name}")
     return {name: network.state_dict() for name, network in bundle.networks.items()}
-
-
-@functools.cache
-def calibrated_sigma(*, epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
-    """The smallest sigma (to 0.5 %) whose ``steps`` steps at ``sample_rate`` spend ``epsilon``.
-
-    Epsilon is the site accountant's, as a site's ledger would record it.
-    """
-    accountant = SiteAccountant()
-
-    def spent(sigma: float) -> float:
-        return accountant.epsilon_if(delta, [(sigma, sample_rate, steps)])
-
-    low, high = 0.5, 1.0  # bracket: spent(low) > epsilon >= spent(high)
-    while spent(high) > epsilon:
-        low, high = high, high * 2
-    while spent(low) <= epsilon:
-        low, high = low / 2, low
-    while high - low > 5e-3 * high:
-        mid = (low + high) / 2
-        low, high = (low, mid) if spent(mid) <= epsilon else (mid, high)
-    return high
 
 
 @dataclass

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,10 +17,13 @@ from rich.console import Console
 from rich.table import Table
 
 from common.cli import exit_codes
-from common.config import SiteConfig, render_site_config
-from common.data.manifest import load_site
+from common.config import SiteConfig, load_site_config, render_site_config
+from common.data.manifest import MANIFEST, load_site
 from common.errors import BusfedError, UsageError, ValidationFailed, validation_problems
 from common.keys import create_node_keys, create_signing_key, signing_key_paths
+from common.privacy.accountant import AccountantKind, SiteAccountant
+from common.privacy.advice import BATCH_PATIENTS, Suggestion, check_campaign, suggest_privacy
+from common.privacy.settings import DPSettings
 
 site_app = typer.Typer(help="Commands a hospital site runs.", no_args_is_help=True)
 
@@ -87,6 +90,46 @@ def validate(
         raise typer.Exit(code=ValidationFailed.exit_code)
 
 
+# The campaign a suggestion is sized to, unless the options say otherwise: `busfed demo`'s
+# rounds (deploy.demo.DemoSettings.rounds; a test keeps them equal) and the consortium's
+# epsilon ceiling with two stricter budgets.
+CAMPAIGN_ROUNDS = 3
+CAMPAIGN_EPSILONS = (1.0, 3.0, 8.0)
+CAMPAIGN_MODEL = "wauve"
+
+PatientsOption = Annotated[
+    int | None,
+    typer.Option("--patients", help="Training patients; default: counted in the site's manifest."),
+]
+CampaignEpsilonOption = Annotated[
+    float | None,
+    typer.Option(
+        "--campaign-epsilon",
+        help="The campaign's whole epsilon; default: suggestions for 1, 3 and 8.",
+    ),
+]
+CampaignRoundsOption = Annotated[
+    int, typer.Option("--campaign-rounds", help="Federated rounds of the campaign.")
+]
+StepsPerRoundOption = Annotated[
+    int | None,
+    typer.Option(
+        "--steps-per-round",
+        help="DP steps per network per round; default: the site's max local steps.",
+    ),
+]
+CampaignModelOption = Annotated[
+    str,
+    typer.Option(
+        "--campaign-model",
+        help="wauve (detector and classifier: 2 networks a round) | keyframe2d | detector",
+    ),
+]
+BatchPatientsOption = Annotated[
+    int, typer.Option("--batch-patients", help="Expected patients per DP step (q = this / N).")
+]
+
+
 INIT_HELP = (
     "Set up a site in DIR: write DIR/site.toml, the SuperNode authentication key pair and the "
     "privacy-ledger signing key pair (DIR/keys/).\n\n"
@@ -95,6 +138,9 @@ INIT_HELP = (
     "the 2D key-frame comparator too (a site of still key frames trains only that one); edit "
     "site.toml to set them per model. Nothing is overwritten: if site.toml or a key exists, "
     "nothing is written.\n\n"
+    "It also prints a privacy suggestion (q, sigma) sized to the site's training patients "
+    "(counted in DIR's --data manifest, or --patients) for the campaign the --campaign-* "
+    "options describe; the site decides, and the suggestion is never written.\n\n"
     "Exit codes:\n"
     "0  site written\n"
     "2  bad usage: a missing or invalid option, or a file that would be overwritten"
@@ -139,6 +185,12 @@ def init(
             "same values).",
         ),
     ] = False,
+    patients: PatientsOption = None,
+    campaign_epsilon: CampaignEpsilonOption = None,
+    campaign_rounds: CampaignRoundsOption = CAMPAIGN_ROUNDS,
+    steps_per_round: StepsPerRoundOption = None,
+    campaign_model: CampaignModelOption = CAMPAIGN_MODEL,
+    batch_patients: BatchPatientsOption = BATCH_PATIENTS,
 ) -> None:
     with exit_codes():
         model = {
@@ -190,6 +242,11 @@ def init(
                 "refusing to overwrite: " + ", ".join(map(str, existing)) + " (a replaced key "
                 "orphans the site's enrolment and every ledger entry it signed)"
             )
+        # Before anything is written: a bad --campaign-* option leaves no half-made site.
+        advice = _advise(
+            config, patients=patients, epsilon=campaign_epsilon, rounds=campaign_rounds,
+            steps_per_round=steps_per_round, model=campaign_model, batch_patients=batch_patients,
+        )  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
         create_node_keys(keys, site=name)
         create_signing_key(keys, site=name)
@@ -218,6 +275,173 @@ def init(
         "of ledger entries, not this folder)",
         soft_wrap=True,
     )
+    console.print()
+    _print_advice(console, advice)
+
+
+SUGGEST_HELP = (
+    "Print a privacy suggestion for an existing site: the patient sampling rate q and the "
+    "smallest noise multiplier sigma that keep a campaign (--campaign-rounds rounds of "
+    "--steps-per-round DP steps of each network of --campaign-model) within "
+    "--campaign-epsilon at the site's delta, computed with the site's accountant from its "
+    "training patients (counted in the manifest of the config's data folder, or "
+    "--patients); and the epsilon the config's own values would spend.\n\n"
+    "q = min(1, --batch-patients / patients): larger batches divide the noise by more "
+    "patients. The site decides: nothing is written.\n\n"
+    "Exit codes:\n"
+    "0  suggestion printed, or no patient count to size it to (said why)\n"
+    "2  bad usage: an invalid option, or the site config is missing or invalid"
+)
+
+
+@site_app.command("suggest-privacy", help=SUGGEST_HELP)
+def suggest_privacy_command(
+    config_path: Annotated[Path, typer.Option("--config", help="The site's site.toml.")],
+    patients: PatientsOption = None,
+    campaign_epsilon: CampaignEpsilonOption = None,
+    campaign_rounds: CampaignRoundsOption = CAMPAIGN_ROUNDS,
+    steps_per_round: StepsPerRoundOption = None,
+    campaign_model: CampaignModelOption = CAMPAIGN_MODEL,
+    batch_patients: BatchPatientsOption = BATCH_PATIENTS,
+) -> None:
+    with exit_codes():
+        config = load_site_config(config_path)
+        advice = _advise(
+            config, patients=patients, epsilon=campaign_epsilon, rounds=campaign_rounds,
+            steps_per_round=steps_per_round, model=campaign_model, batch_patients=batch_patients,
+        )  # fmt: skip
+    _print_advice(Console(highlight=False), advice)
+
+
+@dataclass(frozen=True)
+class _Advice:
+    """What ``_print_advice`` shows: suggestions, or why there are none."""
+
+    config: SiteConfig
+    model: str
+    suggestions: list[Suggestion]
+    counted_in: str  # where the patient count came from
+    chosen_epsilon: float | None  # what the config's own sigma and q spend on the campaign
+    clip: str  # the config's C for the campaign's networks
+    missing: str | None = None
+
+
+def _advise(
+    config: SiteConfig,
+    *,
+    patients: int | None,
+    epsilon: float | None,
+    rounds: int,
+    steps_per_round: int | None,
+    model: str,
+    batch_patients: int,
+) -> _Advice:
+    """Suggestions for the site of ``config`` (see ``common.privacy.advice``).
+
+    Raises
+    ------
+    UsageError
+        An option out of range, named.
+    """
+    from common.models.bundle import bundle_class  # torch: only for the commands that ask
+
+    try:
+        networks = bundle_class(model).network_names
+    except UsageError as error:
+        raise UsageError(f"--campaign-model: {error}") from None
+    privacy = config.privacy
+    steps = config.training.max_local_steps if steps_per_round is None else steps_per_round
+    counted_in, missing = "--patients", None
+    if patients is None:
+        patients, counted_in, missing = _training_patients(config.site.data)
+    targets = CAMPAIGN_EPSILONS if epsilon is None else (epsilon,)
+    suggestions = []
+    for target in targets:
+        campaign: dict[str, Any] = {
+            "epsilon": target, "delta": privacy.delta, "rounds": rounds,
+            "steps_per_round": steps, "networks": len(networks), "batch_patients": batch_patients,
+        }  # fmt: skip
+        if patients is None:  # nothing to size, but the options are still checked
+            check_campaign(patients=1, **campaign)
+            continue
+        suggestions.append(
+            suggest_privacy(patients=patients, **campaign, accountant=privacy.accountant)
+        )
+    chosen = [privacy.of(name) for name in networks if getattr(privacy, name) is not None]
+    spent = None
+    if suggestions and len(chosen) == len(networks):
+        steps_total = rounds * steps
+        spent = _spent(privacy.accountant, privacy.delta, chosen, steps_total)
+    clip = "/".join(sorted({f"{dp.max_grad_norm:g}" for dp in chosen})) or "-"
+    return _Advice(config, model, suggestions, counted_in, spent, clip, missing)
+
+
+def _spent(kind: AccountantKind, delta: float, chosen: list[DPSettings], steps: int) -> float:
+    """The campaign's epsilon with the site's own sigma and q for each network."""
+    mechanisms = [(dp.noise_multiplier, dp.sample_rate, steps) for dp in chosen]
+    return SiteAccountant(kind).epsilon_if(delta, mechanisms)
+
+
+def _training_patients(data: Path) -> tuple[int | None, str, str | None]:
+    """The training patients in ``data``'s manifest, where from, or why there is no count."""
+    manifest = data / MANIFEST
+    if not manifest.is_file():
+        return None, "", f"{manifest} does not exist yet"
+    try:
+        site = load_site(data, check_videos=False)  # counting needs no decoding
+    except BusfedError as error:
+        return None, "", str(error)
+    count = len(site.patients("train"))
+    if count == 0:
+        return None, "", f"{manifest} has no training patient"
+    return count, f"counted in the site's {MANIFEST}", None
+
+
+def _print_advice(console: Console, advice: _Advice) -> None:
+    """The suggestion table, labelled as one, in 80 columns."""
+    privacy = advice.config.privacy
+    title = "[bold]Privacy suggestion[/bold] (the site decides; these values are not written)"
+    console.print(title)
+    if not advice.suggestions:
+        console.print(
+            f"no suggestion: {advice.missing}; pass --patients N (training patients), or run "
+            "`busfed site suggest-privacy --config site.toml` once the data is ingested.",
+            soft_wrap=True,
+        )
+        return
+    first = advice.suggestions[0]
+    console.print(
+        f"{first.patients} training patients ({advice.counted_in}); campaign: "
+        f"{first.rounds} rounds x {first.steps_per_round} steps x {first.networks} "
+        f"network{'s' * (first.networks > 1)} ({advice.model}) = {first.steps} DP steps; "
+        f"{privacy.accountant} accountant"
+    )
+    table = Table("target ε", "q", "sigma", "C", "steps", "ε reached", "delta", "noise/C")
+    for s in advice.suggestions:
+        table.add_row(
+            f"{s.epsilon:g}", f"{s.sample_rate:.3g}", f"{s.noise_multiplier:.3g}", advice.clip,
+            str(s.steps), f"{s.epsilon_reached:.3f}", f"{s.delta:.2g}",
+            f"{s.noise_per_mean:.3f}",
+        )  # fmt: skip
+    console.print(table)
+    for s in advice.suggestions:
+        console.print(f"ε {s.epsilon:g}: {s.verdict}", soft_wrap=False)
+    console.print(
+        "noise/C: noise std on the averaged gradient over C, sigma / (q x patients). C "
+        "does not change epsilon; it is the site's own value.",
+        soft_wrap=False,
+    )
+    if advice.chosen_epsilon is not None:
+        console.print(
+            f"Your site.toml values would spend ε {advice.chosen_epsilon:.3f} at delta "
+            f"{privacy.delta:g} on this campaign (budget {privacy.epsilon_budget:g})"
+            + (
+                ": over the budget, so the site would refuse the rounds past it."
+                if advice.chosen_epsilon > privacy.epsilon_budget
+                else "."
+            ),
+            soft_wrap=False,
+        )
 
 
 def _site_config(raw: dict[str, Any]) -> SiteConfig:

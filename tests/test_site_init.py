@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client.cli import site_app
+from client.cli import CAMPAIGN_ROUNDS, site_app
 from common.config import load_site_config
+from common.data.manifest import write_manifest
 from common.keys import load_signing_key, load_verify_key
 from common.privacy.ledger import PrivacyLedger
 from common.privacy.settings import DPSettings
 from deploy.audit.verify import verify_ledger
+from deploy.demo import DemoSettings, demo_site_config
 
 runner = CliRunner()
 PRIVACY = {
@@ -132,3 +134,84 @@ def test_invalid_values_name_the_option_and_write_nothing(tmp_path, option, valu
     assert result.exit_code == 2
     assert f"--{option.replace('_', '-')}" in result.output
     assert not (tmp_path / "site").exists()
+
+
+def test_init_prints_a_suggestion_and_writes_only_the_sites_values(tmp_path):
+    result = init(tmp_path / "site", tmp_path, patients="40", campaign_epsilon="8")
+    assert result.exit_code == 0, result.output
+    suggestion = result.output.split("Privacy suggestion")[1]
+    words = " ".join(suggestion.split())  # rich wraps at 80 columns
+    assert "the site decides; these values are not written" in words
+    assert "40 training patients (--patients)" in words
+    assert "3 rounds x 3 steps x 2 networks (wauve) = 18 DP steps" in words
+    row = next(line for line in suggestion.splitlines() if line.startswith("│ 8 "))
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    target, q, sigma, c, steps, reached, delta, _ = cells
+    assert (target, q, c, steps, delta) == ("8", "1", "1", "18", "1e-05")
+    assert float(reached) <= 8
+    assert all(len(line) <= 80 for line in suggestion.splitlines())
+
+    text = (tmp_path / "site" / "site.toml").read_text()
+    assert sigma not in text
+    privacy = load_site_config(tmp_path / "site" / "site.toml").privacy
+    for model in (privacy.detector, privacy.classifier):
+        assert (model.noise_multiplier, model.sample_rate) == (1.5, 0.3)
+
+
+def test_suggest_privacy_counts_the_training_patients_of_the_sites_manifest(tmp_path):
+    data = tmp_path / "data"
+    (data / "videos").mkdir(parents=True)
+    rows = []
+    for i in range(30):  # 24 training patients with two videos each, 6 held out
+        for sweep in (1, 2):
+            video = f"videos/p{i}-{sweep}.mp4"
+            (data / video).touch()  # counting opens no video
+            rows.append((video, f"p{i}", "benign", "", "", "", "", "train" if i < 24 else "test"))
+    write_manifest(data, rows, [])
+    assert init(tmp_path / "site", data).exit_code == 0
+    before = (tmp_path / "site" / "site.toml").read_bytes()
+
+    result = runner.invoke(
+        site_app,
+        ["suggest-privacy", "--config", str(tmp_path / "site" / "site.toml"),
+         "--campaign-model", "detector"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    words = " ".join(result.output.split())
+    assert "24 training patients (counted in the site's manifest.csv)" in words
+    assert "3 rounds x 3 steps x 1 network (detector) = 9 DP steps" in words
+    assert [line.split("│")[1].strip() for line in result.output.splitlines()
+            if line.startswith("│ ")] == ["1", "3", "8"]  # fmt: skip
+    assert "Your site.toml values would spend" in words
+    assert (tmp_path / "site" / "site.toml").read_bytes() == before
+
+
+def test_without_a_patient_count_init_says_how_to_get_a_suggestion(tmp_path):
+    result = init(tmp_path / "site", tmp_path / "not-yet")
+    assert result.exit_code == 0, result.output
+    assert "no suggestion:" in result.output and "--patients N" in result.output
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("campaign_epsilon", "-1"), ("campaign_rounds", "0"), ("campaign_model", "resnet")],
+)
+def test_a_bad_campaign_option_is_named_and_nothing_is_written(tmp_path, option, value):
+    result = init(tmp_path / "site", tmp_path, patients="40", **{option: value})
+    assert result.exit_code == 2
+    assert f"--{option.replace('_', '-')}" in result.output
+    assert not (tmp_path / "site").exists()
+
+
+def test_the_default_campaign_is_the_demos():
+    # rounds as `busfed demo` runs; steps per round default to the site's cap, the demo's
+    assert DemoSettings().rounds == CAMPAIGN_ROUNDS
+    assert DemoSettings().local_steps == demo_site_config("a", Path("a")).training.max_local_steps
+
+
+def test_the_sites_own_values_are_weighed_against_its_budget(tmp_path):
+    # sigma 1.5, q 0.3, 18 steps of each network spend about 5.4 at delta 1e-5
+    within = init(tmp_path / "a", tmp_path, patients="40", campaign_epsilon="8")
+    over = init(tmp_path / "b", tmp_path, patients="40", campaign_epsilon="8", epsilon_budget="2")
+    assert "on this campaign (budget 8)." in " ".join(within.output.split())
+    assert "(budget 2): over the budget" in " ".join(over.output.split())
