@@ -54,6 +54,7 @@ from common.models.bundle import (
     set_weights,
     weight_names,
 )
+from common.models.detector import DEFAULT_TRUNK, check_trunk
 from common.models.presets import get_preset
 from common.pipeline.config import PipelineConfig
 from common.pipeline.run import detector_clip_windows
@@ -114,12 +115,13 @@ class SiteClient(NumPyClient):
         self.seed = int(run_config.get("seed", 0))
         self.proposal = Proposal.from_run_config(run_config)
         self.model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
+        self.trunk = check_trunk(str(run_config.get("trunk", DEFAULT_TRUNK)))
         torch.set_num_threads(config.site.threads)
         self.device = resolve_device(config.site.device)
         self.sent = SentUpdates(config.site.state)
 
     def _bundle(self, parameters: NDArrays) -> ModelBundle:
-        bundle = build_bundle(self.preset, seed=self.seed, model=self.model)
+        bundle = build_bundle(self.preset, seed=self.seed, model=self.model, trunk=self.trunk)
         set_weights(bundle, parameters)
         return bundle
 

@@ -82,9 +82,8 @@ class Settings:
     seed: int
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size"):
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.steps < 0 or self.batch_size < 1:
+            raise UsageError("--steps must be >= 0 and --batch-size >= 1")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UsageError(f"--lr must be a positive number, got {self.lr}")
         if self.weight_decay < 0:
@@ -144,7 +143,7 @@ def collect(
             }
         )
     for name, data in pooled.items():
-        if not data.inputs:
+        if data_sets and not data.inputs:
             raise DataError(
                 f"the data sets give the {name} of model {bundle.kind!r} nothing to train on "
                 f"(splits {', '.join(TRAIN_SPLITS)})"
@@ -317,13 +316,15 @@ def pretrain(
         held-out scores, the resulting weights' fingerprint and ``privacy``: "public data,
         no privacy budget spent".
     """
-    if not data_sets:
-        raise UsageError("pretraining needs at least one data set (--synthetic N or --public DIR)")
+    if not data_sets and settings.steps:
+        raise UsageError("nothing to train on: pass --synthetic N and/or --public DIR")
+    if not settings.steps:  # the starting weights as they are (a backbone file's, say)
+        data_sets = []
     pooled, records = collect(bundle, data_sets)
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # Faster R-CNN's anchor and RoI sampling
     networks: dict[str, Any] = {}
-    for name, network in bundle.networks.items():
+    for name, network in bundle.networks.items() if settings.steps else ():
         data = pooled[name]
         losses = train_network(
             name, network, data, settings, generator=generator, progress=progress

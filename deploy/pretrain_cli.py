@@ -51,7 +51,10 @@ def pretrain_command(
         list[Path] | None,
         typer.Option(help="A public data set folder in the site layout; repeat for more."),
     ] = None,
-    steps: Annotated[int, typer.Option(min=1, help="Optimiser steps per network.")] = 300,
+    steps: Annotated[
+        int,
+        typer.Option(min=0, help="Optimiser steps per network (0: the backbone weights as is)."),
+    ] = 300,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (peak of the schedule).")] = 1e-3,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
@@ -67,10 +70,26 @@ def pretrain_command(
     campaign: Annotated[
         str, typer.Option(help="The campaign this version 0 starts (an MLflow tag).")
     ] = "",
+    trunk: Annotated[
+        str,
+        typer.Option(
+            help="groupnorm (from scratch) or frozen-bn (BatchNorm frozen; needed for, and "
+            "implied by, --backbone-weights). The federation's run config trunk must match."
+        ),
+    ] = "groupnorm",
+    backbone_weights: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A torchvision ImageNet ResNet-34 (detector) or ResNet-50 (classifiers) "
+            "state-dict file, loaded before training; repeat for WAUVE's two networks. "
+            "Needs a width-64 preset (paper)."
+        ),
+    ] = None,
     replace: Annotated[bool, typer.Option(help="Delete a previous OUT first.")] = False,
 ) -> None:
     import torch
 
+    from common.models.backbone import load_backbone_weights
     from common.models.bundle import build_bundle, bundle_class
     from common.models.loading import save_bundle_dir
     from deploy.pretrain import DataSet, Settings, pretrain
@@ -93,10 +112,18 @@ def pretrain_command(
                 vendor="vendor-a", min_per_class=max(1, synthetic // 8),
             )  # fmt: skip
         data_sets.insert(0, DataSet("synthetic", out / "synthetic", "synthetic"))
-    if not data_sets:
+    if not data_sets and (steps or not backbone_weights):
         raise UsageError("nothing to train on: pass --synthetic N and/or --public DIR")
+    if backbone_weights:
+        trunk = "frozen-bn"
     torch.set_num_threads(threads)
-    bundle = build_bundle(preset, seed=seed, model=kind)
+    bundle = build_bundle(preset, seed=seed, model=kind, trunk=trunk)
+    backbones = [load_backbone_weights(bundle, path) for path in backbone_weights or []]
+    for backbone in backbones:
+        console.print(
+            f"  {backbone.arch} weights from {backbone.file} (sha256 {backbone.sha256[:16]}…) "
+            f"into {', '.join(backbone.networks)}"
+        )
     with Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
@@ -109,6 +136,7 @@ def pretrain_command(
             bar.update(tasks[name], completed=step, loss=loss)
 
         section = pretrain(bundle, data_sets, settings, progress=progress)
+    section["backbones"] = [backbone.card() for backbone in backbones]
     card = {**model_card(bundle), "round": 0, "pretraining": section}
     if campaign:
         card["campaign"] = campaign

@@ -26,6 +26,7 @@ from common.models.bundle import (
     fingerprint,
     get_weights,
 )
+from common.models.detector import DEFAULT_TRUNK
 from server.registry import load_model
 from server.secagg import PacedSecAggPlusWorkflow, StagePacing
 from server.strategy import TrackedFedAvg, privacy_from_tags, strict_json
@@ -242,15 +243,26 @@ def main(grid: Grid, context: Context) -> None:
     tracker.tag_run({"campaign": campaign})
     start = resume_point(tracker, campaign, resume=bool(rc.get("resume", False)))
     initial = initial_model(dict(rc), start)
-    bundle = start.bundle or initial.bundle or build_bundle(preset, seed=INITIAL_SEED, model=model)
+    trunk = str(rc.get("trunk", DEFAULT_TRUNK))
+    bundle = (
+        start.bundle
+        or initial.bundle
+        or build_bundle(preset, seed=INITIAL_SEED, model=model, trunk=trunk)
+    )
     if start.bundle is None:
         initial.sha256 = fingerprint(get_weights(bundle))
     if bundle.kind != model:
         raise FederationError(f"campaign {campaign!r} trains model {bundle.kind!r}, not {model!r}")
+    what = "was trained" if start.bundle is not None else f"starts from {initial.source}"
     if bundle.preset.name != preset:
-        what = "was trained" if start.bundle is not None else f"starts from {initial.source}"
         raise FederationError(
             f"campaign {campaign!r} {what} with preset {bundle.preset.name!r}, not {preset!r}"
+        )
+    if bundle.trunk != trunk:
+        # The sites build the run config's trunk: its tensors would not fit.
+        raise FederationError(
+            f"campaign {campaign!r} {what} with trunk {bundle.trunk!r}, not {trunk!r} "
+            "(run config trunk)"
         )
     if start.round >= rounds:
         log(INFO, "busfed: campaign %s already has %s rounds; nothing to do", campaign, rounds)

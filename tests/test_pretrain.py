@@ -117,3 +117,33 @@ def test_a_campaign_starts_from_the_init_model_and_names_it(tmp_path: Path) -> N
         initial_model({**config, "model": "wauve"}, ResumePoint())
     with pytest.raises(FederationError, match=r"init-model .*missing.*not found"):
         initial_model({**config, "init-model": str(tmp_path / "missing")}, ResumePoint())
+
+
+def test_pretrain_packs_imagenet_weights_as_a_frozen_bn_version_0(tmp_path: Path) -> None:
+    """--steps 0 with a backbone file: the ImageNet trunk as is, a version 0 naming it."""
+    import hashlib
+
+    import torch
+    import torchvision
+
+    resnet = torchvision.models.resnet50(weights=None)  # torchvision's key names and shapes
+    path = tmp_path / "resnet50-test.pth"
+    torch.save(resnet.state_dict(), path)
+
+    code, output = _pretrain(
+        "--out", str(tmp_path / "pt"), "--preset", "paper", "--steps", "0",
+        "--backbone-weights", str(path), "--threads", "1",
+    )  # fmt: skip
+
+    assert code == 0, output
+    bundle, card = load_bundle_dir(tmp_path / "pt" / "model")
+    assert bundle.trunk == card["trunk"] == "frozen-bn"
+    (backbone,) = card["pretraining"]["backbones"]
+    assert backbone["backbone_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert backbone["backbone_arch"] == "resnet50" and card["pretraining"]["data_sets"] == []
+    torch.testing.assert_close(
+        bundle.networks["keyframe"].state_dict()["layer1.0.conv1.weight"],
+        resnet.state_dict()["layer1.0.conv1.weight"],
+    )
+    code, output = _pretrain("--out", str(tmp_path / "none"), "--steps", "0")
+    assert code == 2 and "nothing to train on" in output
