@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/busfed demo --out out/demo --replace
 
+# Two workers: the federation tests (one xdist group, tests/conftest.py) run one after
+# another on one, mostly waiting on heartbeats and timeouts; the rest run on the other.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n 2 --dist loadgroup
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -ra -m "not e2e"
