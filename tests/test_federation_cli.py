@@ -38,9 +38,9 @@ from deploy.federation.consortium import (
     init_consortium,
 )
 from deploy.federation.enrolment import EnrolmentEvent, enrolled_sites, read_enrolments
-from deploy.federation.runs import run_config_for
+from deploy.federation.runs import app_run_config, run_config_for
 from deploy.federation.status import site_privacy
-from deploy.launcher import LocalFederation
+from deploy.launcher import APP_DIR, LocalFederation
 from deploy.processes import free_port
 from tests.tls import tls_server
 
@@ -329,6 +329,17 @@ def test_the_run_config_takes_tracking_from_the_consortium_and_only_given_option
     }
     with pytest.raises(UsageError, match="does not accept --learning-rate"):
         run_config_for(consortium, rounds=1, out_dir=out, app_config=app_config, learning_rate=0.1)
+
+
+def test_the_app_takes_an_initial_model_and_its_trunk(tmp_path):
+    consortium = init_consortium(tmp_path / "c", hosts=["127.0.0.1"])
+    app_config = app_run_config(APP_DIR)
+    assert (app_config["init-model"], app_config["trunk"]) == ("", "groupnorm")
+    config = run_config_for(
+        consortium, rounds=2, out_dir=tmp_path / "out", app_config=app_config,
+        init_model="models:/busfed-keyframe2d/1", trunk="frozen-bn",
+    )  # fmt: skip
+    assert (config["init-model"], config["trunk"]) == ("models:/busfed-keyframe2d/1", "frozen-bn")
 
 
 def test_site_privacy_from_version_tags_shows_unknowns_as_none():

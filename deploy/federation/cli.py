@@ -348,6 +348,13 @@ def start(
             "seeded random weights."
         ),
     ] = None,
+    trunk: Annotated[
+        str | None,
+        typer.Option(
+            help="groupnorm (default) or frozen-bn: how the ResNet trunks are normalised; "
+            "the --init model's trunk (frozen-bn for one started from ImageNet weights)."
+        ),
+    ] = None,
     wait: Annotated[
         bool,
         typer.Option(
@@ -368,6 +375,7 @@ def start(
         resume=resume,
         model=model,
         init_model=init,
+        trunk=trunk,
     )
     console = _console()
     console.print(

@@ -86,6 +86,12 @@ def read_launches(path: Path) -> list[LaunchRecord]:
     return read_jsonl(path, LaunchRecord)
 
 
+def _checked_trunk(trunk: str) -> str:
+    from common.models.detector import check_trunk  # torch: only when asked
+
+    return check_trunk(trunk)
+
+
 def start_run(
     consortium: Consortium,
     *,
@@ -100,6 +106,7 @@ def start_run(
     resume: bool = False,
     model: str | None = None,
     init_model: str | None = None,
+    trunk: str | None = None,
     app_dir: Path | None = None,
     now: dt.datetime | None = None,
 ) -> LaunchRecord:
@@ -146,6 +153,7 @@ def start_run(
         resume=True if resume else None,
         model=model,
         init_model=init_model,
+        trunk=None if trunk is None else _checked_trunk(trunk),
     )
     run_id = consortium.cli().submit(app_dir, run_config)
     record = LaunchRecord(
