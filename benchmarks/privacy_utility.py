@@ -534,7 +534,12 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
 
 
 def write_outputs(
-    results: list[Result], out: Path, preset: str, folds: list[int], started: float
+    results: list[Result],
+    out: Path,
+    preset: str,
+    folds: list[int],
+    started: float,
+    start: str = "random weights",
 ) -> str:
     """The CSV, markdown table and plot of the folds done so far; returns the table."""
     rows = [result.row() for result in results]
@@ -546,7 +551,7 @@ def write_outputs(
     device = "CPU" if not torch.cuda.is_available() else torch.cuda.get_device_name()
     header = (
         f"BUS-BRA, 3 scanner sites, official folds {','.join(map(str, folds))} held out in turn; "
-        f"preset {preset}; {device}, {torch.get_num_threads()} threads; "
+        f"preset {preset}, from {start}; {device}, {torch.get_num_threads()} threads; "
         f"{time.strftime('%Y-%m-%d')}; total {(time.perf_counter() - started) / 60:.1f} min"
     )
     table = markdown(rows, header)
@@ -629,7 +634,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 sigmas = ", ".join(f"{r.name} σ={r.dp.noise_multiplier:.2f}" for r in runs)
                 print(f"fold {fold} {model:14s} {arm:10s} {seconds:6.1f} s  ({sigmas})", flush=True)
         done = folds[: folds.index(fold) + 1]
-        table = write_outputs(list(results.values()), args.out, args.preset, done, started)
+        table = write_outputs(
+            list(results.values()), args.out, args.preset, done, started,
+            start="random weights" if init is None else f"{args.init} (busfed pretrain)",
+        )  # fmt: skip
     print(table)
     print(f"wrote {args.out}/privacy_utility.csv, .md and .png")
     return 0
