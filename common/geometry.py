@@ -57,19 +57,27 @@ def consecutive_runs(frames: Iterable[int]) -> list[list[int]]:
     return runs
 
 
-def consecutive_windows(frames: Iterable[int], length: int) -> list[list[int]]:
+def consecutive_windows(
+    frames: Iterable[int], length: int, stride: int | None = None
+) -> list[list[int]]:
     """Split sorted frame indices into runs of consecutive frames, then into windows.
 
-    Each run gives ``len(run) // length`` back-to-back windows from its start; the
-    remainder, and runs shorter than ``length``, are dropped.
+    Each run gives windows of ``length`` frames starting every ``stride`` frames from its
+    start (default ``length``: back to back); the remainder, and runs shorter than
+    ``length``, are dropped.
 
     >>> consecutive_windows([0, 1, 2, 3, 4, 6, 7, 8, 9], 2)
     [[0, 1], [2, 3], [6, 7], [8, 9]]
+    >>> consecutive_windows([0, 1, 2, 3, 4], 3, stride=1)
+    [[0, 1, 2], [1, 2, 3], [2, 3, 4]]
     """
+    step = stride or length
+    if step < 1:
+        raise ValueError(f"stride must be >= 1, got {stride}")
     return [
         run[i : i + length]
         for run in consecutive_runs(frames)
-        for i in range(0, len(run) - length + 1, length)
+        for i in range(0, len(run) - length + 1, step)
     ]
 
 

@@ -103,6 +103,14 @@ ScoreThresholdOption = Annotated[
 MaxGapOption = Annotated[
     int, typer.Option(min=0, help="Missed frames a lesion track survives (interpolated).")
 ]
+MinTrackOption = Annotated[
+    int,
+    typer.Option(
+        min=0,
+        help="A lesion track shorter than a clip but at least this many frames long is "
+        "scored from its frames resampled (0: dropped, as in the WAUVE paper).",
+    ),
+]
 PreprocessOption = Annotated[
     bool,
     typer.Option(
@@ -118,6 +126,7 @@ def predict_command(
     tracking_uri: TrackingUriOption = None,
     score_threshold: ScoreThresholdOption = DEFAULTS.score_threshold,
     max_gap: MaxGapOption = DEFAULTS.max_gap,
+    min_track_frames: MinTrackOption = DEFAULTS.min_track_frames,
     preprocess: PreprocessOption = False,
     device: DeviceOption = "cpu",
 ) -> None:
@@ -131,6 +140,7 @@ def predict_command(
         config = PipelineConfig(
             score_threshold=score_threshold,
             max_gap=max_gap,
+            min_track_frames=min_track_frames,
             cams=True,
             preprocess=PreprocessConfig() if preprocess else None,
         )
@@ -185,6 +195,7 @@ def evaluate_command(
     tracking_uri: TrackingUriOption = None,
     score_threshold: ScoreThresholdOption = DEFAULTS.score_threshold,
     max_gap: MaxGapOption = DEFAULTS.max_gap,
+    min_track_frames: MinTrackOption = DEFAULTS.min_track_frames,
     preprocess: PreprocessOption = False,
     device: DeviceOption = "cpu",
 ) -> None:
@@ -207,6 +218,7 @@ def evaluate_command(
             boxes_source=(boxes or BoxesSource.detector).value,
             score_threshold=score_threshold,
             max_gap=max_gap,
+            min_track_frames=min_track_frames,
             preprocess=PreprocessConfig() if preprocess else None,
         )
         # Probing every video validates the boxes against frame counts and sizes; bad rows

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ HELD_OUT_SPLIT = "val"
 # Detector frames per video, as a site trains them (client/cli.py site init's defaults).
 FRAME_STRIDE = 2
 MAX_FRAMES_PER_VIDEO = 16
+# Classifier clips start every CLIP_STRIDE frames of a boxed run (overlapping, unlike a
+# site's back-to-back clips): public data has no privacy unit to protect, and four times
+# the clips of the same lesions teach the I3D more per synthesised patient.
+CLIP_STRIDE = 2
 
 Progress = Callable[[str, int, int, float], None]
 
@@ -80,14 +84,48 @@ class Settings:
     lr: float
     weight_decay: float
     seed: int
+    # The detector's own steps and learning rate (None: ``steps`` and ``lr``): Faster
+    # R-CNN needs several times the steps of a one-logit network before its boxes track.
+    detector_steps: int | None = None
+    detector_lr: float | None = None
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1:
-            raise UsageError("--steps must be >= 0 and --batch-size >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"--lr must be a positive number, got {self.lr}")
+        if self.steps < 0 or self.batch_size < 1 or (self.detector_steps or 0) < 0:
+            raise UsageError("--steps and --detector-steps must be >= 0, --batch-size >= 1")
+        for flag, lr in (("--lr", self.lr), ("--detector-lr", self.detector_lr)):
+            if lr is not None and not (lr > 0 and math.isfinite(lr)):
+                raise UsageError(f"{flag} must be a positive number, got {lr}")
         if self.weight_decay < 0:
             raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+
+    def for_network(self, name: str) -> Settings:
+        """The settings that train network ``name``: the detector's own steps and lr."""
+        if name != "detector":
+            return self
+        steps = self.steps if self.detector_steps is None else self.detector_steps
+        lr = self.lr if self.detector_lr is None else self.detector_lr
+        return replace(self, steps=steps, lr=lr)
+
+
+def synthesise_public(
+    out: Path, *, patients: int, seed: int, frames: int = 32, size: int = 128
+) -> list[DataSet]:
+    """Generate ``patients`` synthetic public patients, spread over the generator's scanner
+    presets (one data set each, ``out/<vendor>``), so that version 0 has seen every
+    scanner look; return the data sets."""
+    from deploy.synth import generate_site
+    from deploy.synth.scanner import VENDORS
+
+    vendors = sorted(VENDORS)[: max(1, min(len(VENDORS), patients))]
+    data_sets = []
+    for i, vendor in enumerate(vendors):
+        n = patients // len(vendors) + (i < patients % len(vendors))
+        generate_site(
+            out / vendor, site=f"public-{vendor}", patients=n, seed=seed + i, vendor=vendor,
+            frames=frames, size=size, min_per_class=max(1, n // 8),
+        )  # fmt: skip
+        data_sets.append(DataSet(f"synthetic-{vendor}", out / vendor, "synthetic"))
+    return data_sets
 
 
 def folder_sha256(root: Path) -> str:
@@ -171,7 +209,7 @@ def _samples(
     if names & {"detector", "classifier"}:
         units = build_units(
             site, preset, split=split, frame_stride=FRAME_STRIDE,
-            max_frames_per_video=MAX_FRAMES_PER_VIDEO,
+            max_frames_per_video=MAX_FRAMES_PER_VIDEO, clip_stride=CLIP_STRIDE,
         )  # fmt: skip
         if "detector" in names:
             images = [x for u in units.detector for x in u.images]
@@ -326,9 +364,12 @@ def pretrain(
     networks: dict[str, Any] = {}
     for name, network in bundle.networks.items() if settings.steps else ():
         data = pooled[name]
+        if not settings.for_network(name).steps:  # --detector-steps 0: kept as it starts
+            continue
         losses = train_network(
-            name, network, data, settings, generator=generator, progress=progress
-        )
+            name, network, data, settings.for_network(name), generator=generator,
+            progress=progress,
+        )  # fmt: skip
         tail = losses[-max(1, len(losses) // 10) :]
         networks[name] = {
             "samples": len(data.inputs),

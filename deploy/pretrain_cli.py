@@ -57,6 +57,13 @@ def pretrain_command(
     ] = 300,
     batch_size: Annotated[int, typer.Option(min=1, help="Samples per step.")] = 32,
     lr: Annotated[float, typer.Option(help="AdamW learning rate (peak of the schedule).")] = 1e-3,
+    detector_steps: Annotated[
+        int | None,
+        typer.Option(min=0, help="The detector's own steps (default: --steps)."),
+    ] = None,
+    detector_lr: Annotated[
+        float | None, typer.Option(help="The detector's own learning rate (default: --lr).")
+    ] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 1e-4,
     seed: Annotated[int, typer.Option(min=0, help="Seeds the weights, batches and data.")] = 0,
     threads: Annotated[int, typer.Option(min=1, help="torch CPU threads.")] = 2,
@@ -92,13 +99,13 @@ def pretrain_command(
     from common.models.backbone import load_backbone_weights
     from common.models.bundle import build_bundle, bundle_class
     from common.models.loading import save_bundle_dir
-    from deploy.pretrain import DataSet, Settings, pretrain
-    from deploy.synth import generate_site
+    from deploy.pretrain import DataSet, Settings, pretrain, synthesise_public
     from server.tracking import Tracker, model_card
 
     settings = Settings(
-        steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed
-    )
+        steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, seed=seed,
+        detector_steps=detector_steps, detector_lr=detector_lr,
+    )  # fmt: skip
     kind = bundle_class(model).kind
     if out.exists() and any(out.iterdir()):
         if not replace:
@@ -107,11 +114,8 @@ def pretrain_command(
     data_sets = [DataSet(path.name, path, "public") for path in public or []]
     if synthetic:
         with console.status(f"synthesising {synthetic} public patients"):
-            generate_site(
-                out / "synthetic", site="public-synthetic", patients=synthetic, seed=seed,
-                vendor="vendor-a", min_per_class=max(1, synthetic // 8),
-            )  # fmt: skip
-        data_sets.insert(0, DataSet("synthetic", out / "synthetic", "synthetic"))
+            generated = synthesise_public(out / "synthetic", patients=synthetic, seed=seed)
+        data_sets = generated + data_sets
     if not data_sets and (steps or not backbone_weights):
         raise UsageError("nothing to train on: pass --synthetic N and/or --public DIR")
     if backbone_weights:

@@ -132,6 +132,21 @@ def test_clips_drop_short_tracks_and_tails():
     assert all(p.track_id == 1 for p in plans)
 
 
+def test_a_short_track_gives_one_resampled_clip_when_asked():
+    box = (10.0, 10.0, 30.0, 30.0)
+    three = Track(0, {5: box, 7: box}, {})  # frames 5-7 once the gap is filled
+    two = Track(1, {40: box, 41: box}, {})
+    long = Track(2, dict.fromkeys(range(20, 29), box), {})  # a clip and a tail of 1
+
+    plans = plan_clips([three, two, long], clip_len=CLIP_LEN, min_track_frames=3)
+
+    assert [p.track_id for p in plans] == [0, 2]
+    assert plans[0].frames == (5, 5, 6, 6, 6, 6, 7, 7)  # in order, every frame kept
+    assert plans[0].interpolated == (False,) * 2 + (True,) * 4 + (False,) * 2
+    assert plans[1].frames == tuple(range(20, 28))  # a full track keeps the paper's rule
+    assert plan_clips([three, two], clip_len=CLIP_LEN) == []  # default: the paper's rule
+
+
 def test_no_clip_gives_an_empty_batch_of_the_right_shape():
     clips = crop_clips(np.zeros((4, 32, 32), np.uint8), [], clip_len=CLIP_LEN, clip_size=16)
     assert clips.shape == (0, 3, CLIP_LEN, 16, 16)

@@ -17,6 +17,7 @@ from common.errors import DataError
 from common.evaluation.scoring import score_videos
 from common.geometry import consecutive_windows
 from common.models.bundle import build_bundle
+from common.pipeline.config import PipelineConfig
 from deploy.predict_cli import predict_app
 from deploy.synth import generate_site
 from server.tracking import Tracker, model_card
@@ -55,6 +56,9 @@ def video(site) -> Path:
     return site / load_site(site).rows[0].video
 
 
+DEFAULTS = PipelineConfig()
+
+
 def _predict(*args: str):
     return runner.invoke(predict_app, ["predict", *args])
 
@@ -74,7 +78,11 @@ def test_predict_writes_report_annotated_video_and_heatmap(video, model_dir, tmp
     assert report["model"]["card"]["preset"] == "tiny"
     assert report["pipeline"]["boxes_source"] == "detector"
     for clip in report["clips"]:
-        assert clip["last_frame"] - clip["first_frame"] + 1 == len(clip["boxes"]) == 8
+        # Eight frames: consecutive, or a shorter track's resampled (min_track_frames).
+        assert len(clip["frames"]) == len(clip["boxes"]) == 8
+        assert clip["frames"] == sorted(clip["frames"])
+        span = clip["last_frame"] - clip["first_frame"] + 1
+        assert span == 8 or (span < 8 and span >= DEFAULTS.min_track_frames)
         assert 0.0 <= clip["probability"] <= 1.0
     assert len(read_video(out / "annotated.mp4")) == len(read_video(video))
     assert (out / "heatmap.png").read_bytes()[:8] == PNG

@@ -63,10 +63,16 @@ def test_pretrain_writes_and_registers_a_version_0_that_learned(
     assert card["round"] == 0 and card["campaign"] == "spring" and card["model"] == "keyframe2d"
     assert section["privacy"] == PRIVACY_NOTE
     names = [(d["name"], d["kind"]) for d in section["data_sets"]]
-    assert names == [("synthetic", "synthetic"), ("atlas", "public")]
-    assert section["data_sets"][1]["sha256"] == folder_sha256(public_site)
+    # The synthetic patients are spread over the generator's three scanner presets.
+    assert names == [
+        ("synthetic-vendor-a", "synthetic"), ("synthetic-vendor-b", "synthetic"),
+        ("synthetic-vendor-c", "synthetic"), ("atlas", "public"),
+    ]  # fmt: skip
+    assert [d["patients"] for d in section["data_sets"][:3]] == [4, 3, 3]
+    assert section["data_sets"][3]["sha256"] == folder_sha256(public_site)
     assert section["settings"] == {
-        "steps": 40, "batch_size": 16, "lr": 1e-3, "weight_decay": 1e-4, "seed": 0
+        "steps": 40, "batch_size": 16, "lr": 1e-3, "weight_decay": 1e-4, "seed": 0,
+        "detector_steps": None, "detector_lr": None,
     }  # fmt: skip
     result = section["networks"]["keyframe"]
     assert result["samples"] > 10 and result["loss_last_tenth"] < result["loss_first"]

@@ -106,6 +106,7 @@ def build_units(
     preprocess: PreprocessConfig | None = None,
     detector_clips: ClipWindows | None = None,
     detector_track_fraction: float = 0.0,
+    clip_stride: int | None = None,
 ) -> SiteUnits:
     """Cut the videos of one split into per-patient detector frames and classifier clips.
 
@@ -135,6 +136,10 @@ def build_units(
         the lesion as often as the ground truth boxes it, f is the share of detector clips;
         f = 1 trains on detector tracks only, also on videos without a ground-truth box.
         Default 0: ground truth only, the WAUVE paper's training.
+    clip_stride : int, optional
+        Frames between the starts of consecutive ground-truth clips of a run. Default
+        ``clip_len``: back-to-back clips, as in the WAUVE paper; smaller values overlap
+        them (more clips of the same lesion, as public pretraining uses).
 
     Returns
     -------
@@ -194,7 +199,7 @@ def build_units(
             boxed = boxed_frames(boxes, len(frames))
             windows: list[Window] = [
                 (window, [boxes[f] for f in window])
-                for window in consecutive_windows(boxed, cfg.clip_len)
+                for window in consecutive_windows(boxed, cfg.clip_len, clip_stride)
             ]
             if detector_clips is not None and detector_track_fraction > 0:
                 windows = mix_windows(

@@ -1,9 +1,11 @@
 """Stage 3, clip: cut each track into consecutive ``clip_len``-frame clips and crop them.
 
 Windows and crops are those of training (``common.geometry``): back-to-back windows
-from a track's first frame, a track's remainder and tracks shorter than ``clip_len``
-dropped (as in the WAUVE paper), and one square crop per clip around the union of its
-boxes plus ``CLIP_MARGIN``, resized to ``clip_size`` by ``roi_align``.
+from a track's first frame, a track's remainder dropped (as in the WAUVE paper); a track
+shorter than ``clip_len`` but at least ``min_track_frames`` long gives one clip of its
+frames resampled (the paper drops it: see ``PipelineConfig.min_track_frames``); and one
+square crop per clip around the union of its boxes plus ``CLIP_MARGIN``, resized to
+``clip_size`` by ``roi_align``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ class ClipPlan:
     track_id : int
         The track it was cut from.
     frames : tuple of int
-        ``clip_len`` consecutive frame indices.
+        ``clip_len`` frame indices: consecutive, or a short track's frames resampled
+        (in order, some repeated; see ``plan_clips``).
     boxes : tuple of Box
         The track's box in each of those frames, x1y1x2y2 in video pixels.
     interpolated : tuple of bool
@@ -45,16 +48,27 @@ class ClipPlan:
     region: Box
 
 
-def plan_clips(tracks: Sequence[Track], *, clip_len: int) -> list[ClipPlan]:
+def plan_clips(
+    tracks: Sequence[Track], *, clip_len: int, min_track_frames: int = 0
+) -> list[ClipPlan]:
     """The clips of every track, in track order then frame order.
 
     A track's gaps are filled with interpolated boxes first (``Track.filled_boxes``), so a
-    track from ``first`` to ``last`` gives ``(last - first + 1) // clip_len`` clips.
+    track from ``first`` to ``last`` gives ``(last - first + 1) // clip_len`` clips. A
+    track shorter than ``clip_len`` but at least ``min_track_frames`` long (0: no such
+    track is kept, as in the WAUVE paper) gives one clip whose ``clip_len`` frames are the
+    track's frames, evenly resampled (some repeated): a lesion the probe crossed quickly
+    is still scored.
     """
     plans: list[ClipPlan] = []
     for track in tracks:
         filled = track.filled_boxes()
-        for window in consecutive_windows(sorted(filled), clip_len):
+        windows = consecutive_windows(sorted(filled), clip_len)
+        if not windows and 0 < min_track_frames <= len(filled):
+            span = sorted(filled)
+            picks = np.linspace(0, len(span) - 1, clip_len).round().astype(int)
+            windows = [[span[i] for i in picks]]
+        for window in windows:
             boxes = tuple(filled[f] for f in window)
             plans.append(
                 ClipPlan(

@@ -66,6 +66,8 @@ def report_dict(result: VideoResult, *, video: str, model: dict[str, Any]) -> di
                 "track_id": clip.plan.track_id,
                 "first_frame": clip.first_frame,
                 "last_frame": clip.last_frame,
+                # Consecutive, or a short track's frames resampled (some repeated).
+                "frames": list(clip.plan.frames),
                 "probability": clip.probability,
                 "boxes": [list(box) for box in clip.plan.boxes],
                 "interpolated": list(clip.plan.interpolated),

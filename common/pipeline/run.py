@@ -139,7 +139,7 @@ def run_pipeline(
         )
         tracks = link_tracks(detections, link_iou=config.link_iou, max_gap=config.max_gap)
 
-    plans = plan_clips(tracks, clip_len=preset.clip_len)
+    plans = plan_clips(tracks, clip_len=preset.clip_len, min_track_frames=config.min_track_frames)
     clips = crop_clips(frames, plans, clip_len=preset.clip_len, clip_size=preset.clip_size)
     output = classify_clips(
         bundle.classifier,
@@ -206,6 +206,11 @@ def detector_clip_windows(
             batch_size=config.detector_batch_size,
         )
         tracks = link_tracks(detections, link_iou=config.link_iou, max_gap=config.max_gap)
-        return [(plan.frames, plan.boxes) for plan in plan_clips(tracks, clip_len=clip_len)]
+        return [
+            (plan.frames, plan.boxes)
+            for plan in plan_clips(
+                tracks, clip_len=clip_len, min_track_frames=config.min_track_frames
+            )
+        ]
 
     return windows
