@@ -29,12 +29,19 @@ The patient AUC does not depend on the detector, so ``detector=0`` (the default)
 its training to save time; ``detector=1`` trains it too, so that ``fit s`` is a whole
 site round as in the demo (one site at a time here; the demo runs its sites side by side).
 
+``--init MODEL`` starts every setting from a model folder (``busfed pretrain``'s, or the
+``pretrain/model`` of a ``busfed demo`` run) instead of seeded weights, and
+``--pipeline`` also scores the held-out site after every round with the whole WAUVE
+pipeline (detector boxes, tracker, clips; ``deploy.heldout.score_version``, as the demo's
+table does): the number that shows whether DP fine-tuning keeps a pretrained detector.
+
 Setting keys (defaults are the demo's): ``steps`` local DP steps per network and round
-(3), ``lr`` (0.05), ``sigma`` noise multiplier (1.5; 0 is a NON-PRIVATE run, labelled as
-such), ``C`` per-patient clip norm (1.0), ``q`` patient sampling rate (0.3), ``patients``
-per site (16), ``detector`` (0). Epsilon is what one site's accountant would record at
-delta 1e-5 after all rounds, detector and classifier composed, as the demo's sites do
-whether or not the detector is trained here.
+(3), ``lr`` (0.05), ``dlr`` the detector's own learning rate (0: ``lr``; the demo's run
+config ``detector-learning-rate``), ``sigma`` noise multiplier (1.5; 0 is a NON-PRIVATE
+run, labelled as such), ``C`` per-patient clip norm (1.0), ``q`` patient sampling rate
+(0.3), ``patients`` per site (16), ``detector`` (0). Epsilon is what one site's
+accountant would record at delta 1e-5 after all rounds, detector and classifier composed,
+as the demo's sites do whether or not the detector is trained here.
 """
 
 from __future__ import annotations
@@ -55,9 +62,11 @@ from common.data.manifest import load_site
 from common.data.units import SPLITS, ClassifierUnit, build_units
 from common.metrics import AucCI, auc_ci
 from common.models.bundle import build_bundle, get_weights, set_weights
+from common.models.loading import load_bundle_dir
 from common.models.presets import get_preset
 from common.privacy.accountant import SiteAccountant
 from common.privacy.settings import DPSettings
+from deploy.heldout import HeldOutScore, score_version
 from deploy.synth import generate_site
 
 # The demo's data and site settings (deploy.demo.DemoSettings, demo_site_config).
@@ -75,6 +84,7 @@ class Setting:
     q: float = 0.3
     patients: int = 16
     detector: bool = False
+    dlr: float = 0.0
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -94,9 +104,10 @@ class Setting:
 
     def label(self) -> str:
         privacy = f"sigma {self.sigma:g}" if self.private else "NON-PRIVATE (sigma 0)"
+        detector_lr = f", detector lr {self.dlr:g}" if self.dlr else ""
         return (
-            f"{self.patients} pt/site, {self.steps} steps, lr {self.lr:g}, q {self.q:g}, "
-            f"C {self.C:g}, {privacy}"
+            f"{self.patients} pt/site, {self.steps} steps, lr {self.lr:g}{detector_lr}, "
+            f"q {self.q:g}, C {self.C:g}, {privacy}"
         )
 
 
@@ -104,6 +115,7 @@ class Setting:
 class Outcome:
     setting: Setting
     aucs: list[AucCI]  # after round 0 (initial weights), 1, ..., R
+    pipeline: list[HeldOutScore]  # the same rounds, whole pipeline (--pipeline), or []
     fit_seconds: list[float]  # wall time, per site and round
     fit_cpu_seconds: list[float]  # CPU time of this process, per site and round
     epsilon: float
@@ -155,15 +167,30 @@ def run_setting(
     rounds: int,
     seed: int,
     console: Console,
+    init: Path | None = None,
+    pipeline_site: Path | None = None,
 ) -> Outcome:
     preset = get_preset("tiny")
     device = torch.device("cpu")
     dp = DPSettings.allowing_noise_off(
         noise_multiplier=setting.sigma, max_grad_norm=setting.C, sample_rate=setting.q
     )
-    bundle = build_bundle("tiny", seed=seed)
+    bundle = load_bundle_dir(init)[0] if init is not None else build_bundle("tiny", seed=seed)
     global_weights = get_weights(bundle)
     aucs = [patient_auc(bundle.classifier, heldout)]
+    held_site = load_site(pipeline_site) if pipeline_site is not None else None
+
+    def pipeline_score(round_: int) -> list[HeldOutScore]:
+        if held_site is None:
+            return []
+        with tempfile.TemporaryDirectory(prefix="busfed-pipeline-") as out:
+            score = score_version(
+                bundle, held_site, round=round_, version=f"round {round_}", out=Path(out)
+            )
+        bundle.train()
+        return [score]
+
+    pipeline = pipeline_score(0)
     fit_seconds: list[float] = []
     fit_cpu_seconds: list[float] = []
     for round_ in range(1, rounds + 1):
@@ -184,7 +211,8 @@ def run_setting(
             if setting.detector:
                 train_detector(
                     bundle.detector, units.detector, dp=dp, steps=setting.steps,
-                    lr=setting.lr, device=device, generator=generator, secure_rng=False,
+                    lr=setting.dlr or setting.lr, device=device, generator=generator,
+                    secure_rng=False,
                 )  # fmt: skip
             train_classifier(
                 bundle.classifier, units.classifier, dp=dp, steps=setting.steps,
@@ -203,13 +231,17 @@ def run_setting(
         ]
         set_weights(bundle, global_weights)
         aucs.append(patient_auc(bundle.classifier, heldout))
+        pipeline += pipeline_score(round_)
+        whole = f", whole pipeline AUC {pipeline[-1].text()}" if pipeline else ""
         console.print(
-            f"  round {round_}: held-out patient AUC {_auc_text(aucs[-1])}, "
+            f"  round {round_}: held-out patient AUC {_auc_text(aucs[-1])}{whole}, "
             f"fit {np.mean(fit_seconds[-len(sites) :]):.1f} s/site "
             f"(CPU {np.mean(fit_cpu_seconds[-len(sites) :]):.1f} s)",
             soft_wrap=True,
         )
-    return Outcome(setting, aucs, fit_seconds, fit_cpu_seconds, site_epsilon(setting, rounds))
+    return Outcome(
+        setting, aucs, pipeline, fit_seconds, fit_cpu_seconds, site_epsilon(setting, rounds)
+    )
 
 
 def _auc_text(auc: AucCI) -> str:
@@ -228,6 +260,10 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--seed", type=int, default=7, help="the demo's seed (sites seed+i)")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init", type=Path, help="start from this model folder")
+    parser.add_argument(
+        "--pipeline", action="store_true", help="also score the whole pipeline every round"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     settings = [Setting.parse(text) for text in args.setting] or [Setting()]
@@ -266,7 +302,8 @@ def main() -> None:
             outcomes.append(
                 run_setting(
                     setting, site_roots[setting.patients], heldout,
-                    rounds=args.rounds, seed=args.seed, console=console,
+                    rounds=args.rounds, seed=args.seed, console=console, init=args.init,
+                    pipeline_site=root / "heldout" if args.pipeline else None,
                 )
             )  # fmt: skip
 
@@ -274,7 +311,10 @@ def main() -> None:
         title=f"FedAvg over {args.sites} generated sites, {args.rounds} rounds; patient AUC "
         f"(DeLong 95% CI) on a held-out site ({n_pos} malignant, {n_neg} benign)"
     )
-    for column in ("setting", "epsilon", "fit s/site", "CPU s/site", "AUC initial", "AUC final"):
+    columns = ["setting", "epsilon", "fit s/site", "CPU s/site", "AUC initial", "AUC final"]
+    if args.pipeline:
+        columns += ["pipeline AUC initial", "pipeline AUC final"]
+    for column in columns:
         table.add_column(column, justify="left" if column == "setting" else "right")
     for outcome in outcomes:
         table.add_row(
@@ -285,6 +325,7 @@ def main() -> None:
             f"{np.mean(outcome.fit_cpu_seconds):.1f}",
             _auc_text(outcome.aucs[0]),
             _auc_text(outcome.aucs[-1]),
+            *([outcome.pipeline[0].text(), outcome.pipeline[-1].text()] if args.pipeline else []),
         )
     console.print(table)
 

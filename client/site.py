@@ -112,6 +112,8 @@ class SiteClient(NumPyClient):
         self.preset = str(run_config["preset"])
         self.proposed_steps = int(run_config["local-steps"])
         self.lr = float(run_config["learning-rate"])
+        # The detector's own step size; 0 (or absent, from an older server): the same.
+        self.detector_lr = float(run_config.get("detector-learning-rate", 0.0)) or self.lr
         self.seed = int(run_config.get("seed", 0))
         self.proposal = Proposal.from_run_config(run_config)
         self.model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
@@ -305,7 +307,8 @@ class SiteClient(NumPyClient):
         generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
         return {
             name: TRAINERS[name](
-                network, units[name], dp=settings[name], steps=self.steps, lr=self.lr,
+                network, units[name], dp=settings[name], steps=self.steps,
+                lr=self.detector_lr if name == "detector" else self.lr,
                 device=self.device, generator=generator, secure_rng=secure_rng,
             )
             for name, network in bundle.networks.items()

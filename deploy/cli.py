@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
 from deploy.audit.cli import audit_app
+from deploy.demo import DemoSettings
 from deploy.federation.cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
@@ -112,19 +113,37 @@ def demo(
         str,
         typer.Option(
             help="start from this model version (a folder or models:/NAME/VERSION), e.g. "
-            "busfed pretrain's version 0; default: seeded random weights"
+            "busfed pretrain's version 0; default: a version 0 pretrained here on "
+            "--pretrain-patients synthetic public patients"
         ),
     ] = "",
+    pretrain_patients: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="synthetic public patients the demo's version 0 is pretrained on (no "
+            "privacy budget spent); 0: start from seeded random weights",
+        ),
+    ] = DemoSettings.pretrain_patients,
+    held_out_patients: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="patients of a synthetic hospital that never trains, scored with the start "
+            "and every round's version (AUC with 95% CI); 0: none",
+        ),
+    ] = DemoSettings.held_out_patients,
 ) -> None:
     """Synthetic (or ingested real) hospitals train a model together: TLS, SecAgg+, DP, MLflow."""
     from common.models.bundle import bundle_class
-    from deploy.demo import DemoSettings, real_sites, run_demo
+    from deploy.demo import real_sites, run_demo
 
     if data_from is not None:
         sites = len(real_sites(data_from))
     settings = DemoSettings(
         rounds=rounds, sites=sites, patients=patients, model=bundle_class(model).kind,
-        data_from=data_from, init=_absolute_model(init),
+        data_from=data_from, init=_absolute_model(init), pretrain_patients=pretrain_patients,
+        held_out_patients=held_out_patients,
     )  # fmt: skip
     run_demo(out, settings, console, replace=replace)
 

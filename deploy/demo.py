@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from common.privacy.settings import DPSettings
 from deploy.audit.report import write_report
 from deploy.audit.verify import verify_ledgers
 from deploy.federation.runs import check_finished_run
+from deploy.heldout import HeldOutScore, score_version
 from deploy.launcher import APP_DIR, LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
 from deploy.synth import generate_site
@@ -55,14 +56,23 @@ class DemoSettings:
     model: str = "wauve"
     local_steps: int = 3
     learning_rate: float = 0.05
+    # From the pretrained start the detector takes smaller steps (pyproject's comment).
+    detector_learning_rate: float = 0.01
     secure_aggregation: bool = True
     timeout_s: float = 1500.0
     secagg_timeout: float = 60.0
     secagg_timeout_limit: float = 900.0
     # Ingested site datasets (one folder each) to federate instead of synthetic hospitals.
     data_from: Path | None = None
-    # The model the campaign starts from (a folder or models:/ URI; "" = seeded weights).
+    # The model the campaign starts from (a folder or models:/ URI). "" with
+    # pretrain_patients > 0: a version 0 pretrained here on synthetic public patients
+    # (busfed pretrain's work); "" without: seeded random weights.
     init: str = ""
+    pretrain_patients: int = 150
+    pretrain_steps: int = 300  # the classifier's (or key-frame model's) AdamW steps
+    pretrain_detector_steps: int = 600
+    # A synthetic hospital that never trains, scored with every version (0: none).
+    held_out_patients: int = 40
 
 
 def demo_site_config(
@@ -162,6 +172,68 @@ def prepare_sites(out: Path, settings: DemoSettings, console: Console) -> list[P
     return configs
 
 
+def prepare_held_out(out: Path, settings: DemoSettings, console: Console) -> Path | None:
+    """A synthetic hospital that never trains (no keys, no config): the demo's external
+    test set, scored with every version after the run. None when not asked for, or when
+    the demo federates ingested real sites."""
+    if not settings.held_out_patients or settings.data_from is not None:
+        return None
+    folder = out / "held-out" / "data"
+    n = settings.held_out_patients
+    with console.status("synthesising the held-out hospital"):
+        summary = generate_site(
+            folder, site="held-out", patients=n, seed=settings.seed + 500,
+            vendor=VENDORS[settings.sites % len(VENDORS)], frames=settings.frames,
+            size=settings.size, min_per_class=min(n // 4, max(MIN_PER_CLASS, n // 5)),
+        )  # fmt: skip
+    console.print(
+        f"  held-out hospital (never trains, scores every version): {summary.n_patients} "
+        f"patients, {summary.n_videos} videos, {summary.n_malignant} malignant, "
+        f"{summary.vendor}"
+    )
+    return folder
+
+
+def pretrain_start(out: Path, settings: DemoSettings, console: Console) -> DemoSettings:
+    """The consortium's version 0, as ``busfed pretrain`` makes it: the demo's model
+    trained centrally on synthetic public patients (their own seeds, no hospital's),
+    written to ``out/pretrain/model``; the settings with ``init`` pointing at it.
+
+    Unchanged settings when the demo starts from ``--init``, federates real sites, or is
+    asked not to pretrain (``pretrain_patients`` 0).
+    """
+    if settings.init or not settings.pretrain_patients or settings.data_from is not None:
+        return settings
+    import torch
+
+    from common.models.bundle import build_bundle
+    from common.models.loading import save_bundle_dir
+    from deploy.pretrain import Settings, pretrain, synthesise_public
+    from deploy.pretrain_cli import pretraining_progress, print_pretraining
+    from server.tracking import model_card
+
+    folder = out / "pretrain"
+    with console.status(f"synthesising {settings.pretrain_patients} public patients"):
+        data_sets = synthesise_public(
+            folder / "synthetic", patients=settings.pretrain_patients,
+            seed=settings.seed + 1000, frames=settings.frames, size=settings.size,
+        )  # fmt: skip
+    bundle = build_bundle(settings.preset, seed=settings.seed, model=settings.model)
+    training = Settings(
+        steps=settings.pretrain_steps, batch_size=16, lr=1e-3, weight_decay=1e-4,
+        seed=settings.seed, detector_steps=settings.pretrain_detector_steps, detector_lr=3e-3,
+    )  # fmt: skip
+    # One thread, as each site trains: two torch threads beside two busy processes on two
+    # cores spun for 90 minutes in a pretraining that takes 4 when the machine is idle.
+    torch.set_num_threads(1)
+    with pretraining_progress(console) as progress:
+        section = pretrain(bundle, data_sets, training, progress=progress)
+    card = {**model_card(bundle), "round": 0, "pretraining": section}
+    save_bundle_dir(bundle, folder / "model", card)
+    print_pretraining(section, folder / "model", console)
+    return replace(settings, init=str(folder / "model"))
+
+
 def site_keys(config_path: Path) -> NodeKeys:
     """The key pair `prepare_sites` wrote beside a site's config."""
     site = config_path.parent.name
@@ -189,6 +261,7 @@ def run_config_for(out: Path, settings: DemoSettings) -> dict[str, Any]:
         "min-sites": max(2, settings.sites - 1),
         "local-steps": settings.local_steps,
         "learning-rate": settings.learning_rate,
+        "detector-learning-rate": settings.detector_learning_rate,
         "mlflow-tracking-uri": f"sqlite:///{out / 'mlflow.db'}",
         "mlflow-artifact-location": str(out / "mlartifacts"),
         "out-dir": str(out),
@@ -219,25 +292,28 @@ def check_superlink(fed: LocalFederation) -> None:
             raise FederationError(f"{proc.name} died:\n{proc.tail()}")
 
 
-def round_table(rounds: list[dict[str, Any]]) -> Table:
+def round_table(rounds: list[dict[str, Any]], held_out: dict[str, Any] | None = None) -> Table:
+    """One row per round; with a held-out hospital, a first row for the start (round 0)
+    and each version's score on it (AUC, or AP for a detector, with its 95% CI)."""
     table = Table(title="federated rounds")
-    for col in (
-        "round",
-        "sites",
-        "training loss",
-        "pooled val AUC",
-        "max ε",
-        "version",
-        "s",
-    ):
+    scores = {s["round"]: HeldOutScore.from_json(s) for s in (held_out or {}).get("scores", [])}
+    metric = next(iter(scores.values())).metric if scores else ""
+    columns = ["round", "sites", "training loss", "pooled val AUC", "max ε", "version", "s"]
+    if scores:
+        columns.insert(4, f"held-out {metric} (95% CI)")
+    for col in columns:
         table.add_column(col, justify="right")
+    if 0 in scores:
+        start = scores[0].version
+        name = "seeded weights" if start == "seeded weights" else f"start: {Path(start).name}"
+        table.add_row("0", name, "-", "-", scores[0].text(), "-", "-", "-")
     for r in rounds:
         m = r["metrics"]
 
         def fmt(key: str, spec: str = ".3f", m: dict[str, Any] = m) -> str:
             return format(m[key], spec) if m.get(key) is not None else "-"
 
-        table.add_row(
+        cells = [
             str(r["round"]),
             f"{len(r['sites'])}" + (f" ({len(r['dropped'])} dropped)" if r["dropped"] else ""),
             # Each network of the model the campaign trains (WAUVE's two, or the comparator).
@@ -251,7 +327,11 @@ def round_table(rounds: list[dict[str, Any]]) -> Table:
             fmt("epsilon_max", ".2f"),
             str(r.get("model_version")),
             fmt("round_seconds", ".0f"),
-        )
+        ]
+        if scores:
+            held = scores.get(int(r["round"]))
+            cells.insert(4, held.text() if held else "-")
+        table.add_row(*cells)
     return table
 
 
@@ -275,6 +355,8 @@ def run_demo(
     started = time.monotonic()
     console.rule("busfed demo")
     configs = prepare_sites(out, settings, console)
+    held_out = prepare_held_out(out, settings, console)
+    settings = pretrain_start(out, settings, console)
     pki = create_consortium_pki(out / "pki", hosts=["127.0.0.1", "localhost"])
     run_config = run_config_for(out, settings)
     rounds_log = out / "rounds.jsonl"
@@ -296,6 +378,8 @@ def run_demo(
         raise FederationError(f"{exc}; logs in {out / 'federation' / 'logs'}") from exc
     summary["watchdog_restarts"] = restarts
     summary["audit"] = audit(out, configs, summary, console)
+    if held_out is not None:
+        summary["held_out"] = score_held_out(out, held_out, settings, summary, console)
     summary["wall_seconds"] = time.monotonic() - started
     summary["flower_run_id"] = run_id
     summary_path.write_text(json.dumps(summary, indent=2))
@@ -347,6 +431,42 @@ def watch_run(
             time.sleep(2)
 
 
+def score_held_out(
+    out: Path, folder: Path, settings: DemoSettings, summary: dict[str, Any], console: Console
+) -> dict[str, Any]:
+    """Score the held-out hospital with the start (round 0) and every round's version."""
+    from common.models.bundle import build_bundle
+    from server.registry import load_model
+
+    site = load_site(folder)
+    uri = summary["mlflow_tracking_uri"]
+    versions: list[tuple[int, str]] = [(0, settings.init or "seeded weights")]
+    versions += [
+        (int(r["round"]), f"models:/{summary['registered_model']}/{r['model_version']}")
+        for r in summary["rounds"]
+    ]
+    scores: list[HeldOutScore] = []
+    with console.status("scoring the held-out hospital") as status:
+        for server_round, model in versions:
+            status.update(f"scoring the held-out hospital with round {server_round}'s model")
+            if settings.init or server_round:
+                bundle, _ = load_model(model, tracking_uri=uri)
+            else:
+                bundle = build_bundle(settings.preset, seed=settings.seed, model=settings.model)
+            score = score_version(
+                bundle, site, round=server_round, version=model,
+                out=out / "held-out" / f"round-{server_round}",
+            )  # fmt: skip
+            scores.append(score)
+    return {
+        "data": str(folder),
+        "patients": len({row.patient_id for row in site.rows}),
+        "videos": len(site.rows),
+        "malignant_videos": sum(row.label == "malignant" for row in site.rows),
+        "scores": [score.as_json() for score in scores],
+    }
+
+
 def audit(
     out: Path, configs: list[Path], summary: dict[str, Any], console: Console
 ) -> dict[str, Any]:
@@ -374,7 +494,15 @@ def audit(
 
 
 def report(summary: dict[str, Any], out: Path, console: Console) -> None:
-    console.print(round_table(summary["rounds"]))
+    held_out = summary.get("held_out")
+    console.print(round_table(summary["rounds"], held_out))
+    if held_out:
+        console.print(
+            f"held-out hospital: {held_out['patients']} patients, {held_out['videos']} videos "
+            f"({held_out['malignant_videos']} malignant), never trained on; every video "
+            "scored as busfed evaluate --split all does (no tracked lesion: score 0), files "
+            f"in {out / 'held-out'}"
+        )
     sites = Table(title="privacy spent (patient-level)")
     for col in ("site", "ε", "δ", "budget"):
         sites.add_column(col, justify="right")

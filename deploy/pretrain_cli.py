@@ -8,15 +8,21 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+from rich.progress import Progress as RichProgress
 
 from common.cli import reports_errors
 from common.errors import UsageError
+
+if TYPE_CHECKING:
+    from deploy.pretrain import Progress
 
 console = Console(highlight=False)
 
@@ -128,24 +134,14 @@ def pretrain_command(
             f"  {backbone.arch} weights from {backbone.file} (sha256 {backbone.sha256[:16]}…) "
             f"into {', '.join(backbone.networks)}"
         )
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
-    ) as bar:  # fmt: skip
-        tasks: dict[str, Any] = {}
-
-        def progress(name: str, step: int, total: int, loss: float) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(f"pretraining {name}", total=total, loss=loss)
-            bar.update(tasks[name], completed=step, loss=loss)
-
+    with pretraining_progress(console) as progress:
         section = pretrain(bundle, data_sets, settings, progress=progress)
     section["backbones"] = [backbone.card() for backbone in backbones]
     card = {**model_card(bundle), "round": 0, "pretraining": section}
     if campaign:
         card["campaign"] = campaign
     save_bundle_dir(bundle, out / "model", card)
-    _print_summary(section, out / "model")
+    print_pretraining(section, out / "model", console)
     if tracking_uri:
         tracker = Tracker(
             tracking_uri=tracking_uri, artifact_location="",
@@ -160,7 +156,25 @@ def pretrain_command(
         console.print(f"Registered as models:/{version.name}/{version.version}")
 
 
-def _print_summary(section: dict[str, Any], folder: Path) -> None:
+@contextmanager
+def pretraining_progress(console: Console) -> Iterator[Progress]:
+    """A bar per network, with its step loss: the ``progress`` that ``pretrain`` calls."""
+    with RichProgress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), console=console,
+    ) as bar:  # fmt: skip
+        tasks: dict[str, Any] = {}
+
+        def progress(name: str, step: int, total: int, loss: float) -> None:
+            if name not in tasks:
+                tasks[name] = bar.add_task(f"pretraining {name}", total=total, loss=loss)
+            bar.update(tasks[name], completed=step, loss=loss)
+
+        yield progress
+
+
+def print_pretraining(section: dict[str, Any], folder: Path, console: Console) -> None:
+    """What version 0 saw and how it scored on the data sets' held-out splits."""
     for data_set in section["data_sets"]:
         console.print(
             f"  {data_set['kind']} data set {data_set['name']}: {data_set['patients']} patients, "

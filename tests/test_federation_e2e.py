@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -30,12 +31,21 @@ from deploy.demo import (
 )
 from deploy.launcher import LocalFederation
 from deploy.pki import create_consortium_pki, create_node_keys
+from deploy.pretrain import PRIVACY_NOTE
 
 pytestmark = pytest.mark.e2e
 
 # Two local steps: with one, all three sites' Poisson batches (q = 0.3) hold no classifier
 # patient now and then, and the round then has no classifier_loss to log.
-SMALL = DemoSettings(rounds=1, sites=3, patients=6, frames=16, size=64, local_steps=2)
+SMALL = DemoSettings(
+    rounds=1, sites=3, patients=6, frames=16, size=64, local_steps=2,
+    pretrain_patients=0, held_out_patients=0,
+)  # fmt: skip
+# The demo as make demo runs it, in miniature: a version 0 pretrained on synthetic public
+# patients, and a held-out hospital scored with it and with round 1's version.
+PRETRAINED = replace(
+    SMALL, pretrain_patients=9, pretrain_steps=4, pretrain_detector_steps=4, held_out_patients=6
+)
 QUIET = Console(quiet=True)
 RESTART_SEC = 10  # deploy/systemd/busfed-supernode@.service waits 30 s; a test, less
 
@@ -47,7 +57,7 @@ def processes_mentioning(text: str) -> list[str]:
 
 def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
     out = tmp_path / "demo"
-    summary = run_demo(out, SMALL, QUIET)
+    summary = run_demo(out, PRETRAINED, QUIET)
 
     assert summary["secure_aggregation"] is True
     assert [r["round"] for r in summary["rounds"]] == [1]
@@ -72,6 +82,24 @@ def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
     for site in summary["sites"]:
         assert float(tags[f"epsilon.{site['name']}"]) == pytest.approx(site["epsilon"], rel=1e-5)
     assert int(tags["detector_params"]) > 0 and tags["clip_len"] == "8"
+    # The campaign started from the demo's pretrained version 0, and says so.
+    start = out / "pretrain" / "model"
+    card = json.loads((start / "model.json").read_text())
+    assert card["round"] == 0 and card["pretraining"]["privacy"] == PRIVACY_NOTE
+    assert tags["initial_model"] == str(start)
+    assert tags["initial_model_sha256"] == card["pretraining"]["weights_sha256"]
+    # The held-out hospital, never enrolled, scored with the start and round 1's version.
+    held_out = summary["held_out"]
+    assert held_out["patients"] == 6 and held_out["videos"] >= 6
+    assert [(s["round"], s["metric"]) for s in held_out["scores"]] == [(0, "AUC"), (1, "AUC")]
+    assert held_out["scores"][0]["version"] == str(start)
+    assert held_out["scores"][1]["version"] == f"models:/{summary['registered_model']}/1"
+    for score, folder in zip(held_out["scores"], ("round-0", "round-1"), strict=True):
+        metrics = json.loads((out / "held-out" / folder / "metrics.json").read_text())
+        assert metrics["with_fallback"]["n"] == score["n"] == held_out["videos"]
+    assert sorted(p.name for p in (out / "sites").iterdir()) == [
+        "hospital-a", "hospital-b", "hospital-c"
+    ]  # fmt: skip
     run = client.get_run(summary["mlflow_run_id"])
     assert "classifier_loss" in run.data.metrics and "epsilon.hospital-a" in run.data.metrics
 
@@ -85,7 +113,7 @@ def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
     from common.errors import UsageError
 
     with pytest.raises(UsageError, match="not empty"):
-        run_demo(out, SMALL, QUIET)
+        run_demo(out, PRETRAINED, QUIET)
 
 
 def test_unregistered_site_and_untrusted_ca_are_refused(tmp_path: Path) -> None:

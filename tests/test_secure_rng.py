@@ -268,3 +268,27 @@ def test_a_ledger_from_before_noise_source_still_verifies_and_grows(tmp_path):
     page = report.read_text()
     assert "<th>noise source</th>" in page
     assert page.count("<td>not recorded</td>") == 2 and page.count("<td>chacha20-csprng</td>") == 1
+
+
+@pytest.mark.parametrize(("proposed", "expected"), [(0.01, 0.01), (0.0, 0.05), (None, 0.05)])
+def test_the_detector_takes_its_own_learning_rate(tmp_path, monkeypatch, proposed, expected):
+    """detector-learning-rate reaches the detector's DP-SGD; 0 or absent: learning-rate."""
+    import client.site as site_module
+
+    used: dict[str, float] = {}
+    for name, trainer in list(site_module.TRAINERS.items()):
+
+        def spy(*args, _name=name, _trainer=trainer, **kwargs):
+            used[_name] = kwargs["lr"]
+            return _trainer(*args, **kwargs)
+
+        monkeypatch.setitem(site_module.TRAINERS, name, spy)
+    config_path = prepare_sites(
+        tmp_path, DemoSettings(sites=1, patients=4, frames=16, size=64), Console(quiet=True)
+    )[0]
+    run_config = {"preset": "tiny", "local-steps": 1, "learning-rate": 0.05}
+    if proposed is not None:
+        run_config["detector-learning-rate"] = proposed
+    client = SiteClient(site_with(config_path, secure_rng=False), run_config)
+    client.fit(get_weights(build_bundle("tiny", seed=0)), {"round": 1, "run_id": "r1"})
+    assert used == {"detector": expected, "classifier": 0.05}

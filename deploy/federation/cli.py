@@ -309,6 +309,14 @@ def start(
     learning_rate: Annotated[
         float | None, typer.Option(min=1e-12, help="The sites' local learning rate.")
     ] = None,
+    detector_learning_rate: Annotated[
+        float | None,
+        typer.Option(
+            min=0.0,
+            help="The detector's own learning rate (0: --learning-rate); smaller keeps a "
+            "pretrained detector's boxes through DP noise.",
+        ),
+    ] = None,
     min_sites: Annotated[
         int | None, typer.Option(min=1, help="Sites needed for a round to go ahead.")
     ] = None,
@@ -368,6 +376,7 @@ def start(
         preset=preset,
         local_steps=local_steps,
         learning_rate=learning_rate,
+        detector_learning_rate=detector_learning_rate,
         min_sites=min_sites,
         proposed_noise_multiplier=proposed_noise_multiplier,
         proposed_sample_rate=proposed_sample_rate,
