@@ -187,8 +187,7 @@ def run_setting(
             score = score_version(
                 bundle, held_site, round=round_, version=f"round {round_}", out=Path(out)
             )
-        bundle.train()
-        return [score]
+        return [score]  # the trainers put the networks back in train mode
 
     pipeline = pipeline_score(0)
     fit_seconds: list[float] = []
