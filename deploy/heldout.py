@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from common.data.manifest import SiteData, load_site
+from common.data.manifest import SiteData
 from common.data.units import SPLITS
 from common.evaluation.detector import evaluate_detector_site
 from common.evaluation.videos import evaluate_videos
@@ -91,11 +91,6 @@ def score_version(
         round, version, "AUC", _finite(scored.get("auc")), (_finite(low), _finite(high)),
         int(scored.get("n", 0)),
     )  # fmt: skip
-
-
-def load_held_out(folder: Path) -> SiteData:
-    """The held-out site's data, every split (its videos are probed, as evaluate does)."""
-    return load_site(folder)
 
 
 def _finite(value: float | None) -> float | None:
