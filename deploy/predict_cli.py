@@ -45,7 +45,8 @@ EXIT_HELP = (
     "Exit codes:\n"
     "0  success\n"
     "2  bad usage: a bad option, or an MLflow URI without a tracking URI\n"
-    "3  unreadable input: a missing, corrupt or unsupported video, manifest or model folder\n"
+    "3  unreadable input: a missing, corrupt or unsupported video (text or a still image "
+    "is not one; predict needs at least a clip's frames), manifest or model folder\n"
     "6  MLflow could not resolve or download the model version"
 )
 
@@ -53,10 +54,12 @@ PREDICT_HELP = (
     "Score one video: cancer-risk score, BI-RADS-aligned category, boxes and heatmaps.\n\n"
     "Writes DIR/report.json (score, category, tracks, per-clip probabilities with frame "
     "ranges and boxes in video pixels, model, pipeline settings), DIR/annotated.mp4 (the "
-    "video with boxes, clip probabilities and the score) and DIR/heatmap.png (class "
-    "activation maps of the most suspicious clips: red towards malignant, blue towards "
-    "benign). A video where no lesion is tracked gets score null and says so in all "
-    "three.\n\n" + EXIT_HELP
+    "video at its own resolution, or scaled up to 512 pixels high, with only the lesion "
+    "boxes on the image; beside it the score and BI-RADS category, the colour scale, each "
+    "box's clip probability and a per-frame risk strip) and DIR/heatmap.png (class "
+    "activation maps on distinct frames of the most suspicious clips: red towards "
+    "malignant, blue towards benign). A video where no lesion is tracked gets score null "
+    "and says so in all three.\n\n" + EXIT_HELP
 )
 
 EVALUATE_HELP = (
@@ -150,6 +153,7 @@ def predict_command(
         fps = probe_video(video).fps
         bundle, model_info = load_model(model, tracking_uri=tracking_uri)
         wauve = as_wauve(bundle, "busfed predict")
+        _check_clip_frames(video, len(frames), wauve.preset.classifier.clip_len, config)
         to_device(bundle, device)
         result = run_pipeline(frames, wauve, config)
 
@@ -281,6 +285,24 @@ predict_app.command("evaluate", help=EVALUATE_HELP)(evaluate_command)
 def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder")
+
+
+def _check_clip_frames(video: Path, n_frames: int, clip_len: int, config: PipelineConfig) -> None:
+    """``DataError`` if the video is too short to give a single clip, whatever is tracked."""
+    from common.pipeline.clip import fewest_clip_frames
+
+    needed = fewest_clip_frames(clip_len=clip_len, min_track_frames=config.min_track_frames)
+    if n_frames >= needed:
+        return
+    resampled = (
+        f" ({needed} resampled, --min-track-frames {config.min_track_frames})"
+        if needed < clip_len
+        else ""
+    )
+    raise DataError(
+        f"{video}: {n_frames} frame{'s' if n_frames != 1 else ''}, "
+        f"a clip needs {clip_len}{resampled}"
+    )
 
 
 def _verdict(result: VideoResult) -> str:

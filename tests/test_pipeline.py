@@ -24,7 +24,7 @@ from common.pipeline.config import CamMode, PipelineConfig, PreprocessConfig
 from common.pipeline.detect import FrameDetections, detect_lesions
 from common.pipeline.explain import activation_volume, clip_cams, project_cam
 from common.pipeline.preprocess import preprocess_frames
-from common.pipeline.render import annotate_frames, report_dict, save_heatmap
+from common.pipeline.render import annotate_frames, frame_layout, report_dict, save_heatmap
 from common.pipeline.run import run_pipeline
 from common.pipeline.score import BiradsThresholds, categorise, score_video
 from common.pipeline.track import Track, gt_tracks, link_tracks
@@ -412,12 +412,15 @@ def test_render_outputs(tracked, bundle, tmp_path: Path):
     assert report["clips"][0]["first_frame"] == result.clips[0].first_frame
 
     annotated = annotate_frames(frames, result)
-    assert annotated.shape == (*frames.shape, 3) and annotated.dtype == np.uint8
+    layout = frame_layout(result.frame_shape)
+    assert annotated.shape == (len(frames), layout.height, layout.width, 3)
+    assert annotated.dtype == np.uint8
     clip = result.clips[0]
     f = clip.first_frame
-    x1, y1 = (round(v) for v in clip.plan.boxes[0][:2])
-    # The clip's box is drawn in colour on the grey frame.
-    assert len(set(annotated[f, y1 + 2 : y1 + 6, x1].reshape(-1, 3)[0])) > 1
+    x1, y1 = clip.plan.boxes[0][:2]
+    x, y = round(x1 * layout.scale_x) + 1, round(y1 * layout.scale_y) + 1
+    # The clip's box is drawn in colour on the grey frame (scaled up to the output).
+    assert len(set(annotated[f, y + 4 : y + 12, x].reshape(-1, 3)[0])) > 1
 
     save_heatmap(tmp_path / "lesion.png", frames, result)
     empty = run_pipeline(frames, bundle, PipelineConfig(score_threshold=0.999))

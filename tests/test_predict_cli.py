@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
 
 from common.data.manifest import load_site
-from common.data.video import read_video
+from common.data.video import read_video, write_video
 from common.errors import DataError
 from common.evaluation.scoring import score_videos
 from common.geometry import consecutive_windows
@@ -84,7 +85,10 @@ def test_predict_writes_report_annotated_video_and_heatmap(video, model_dir, tmp
         span = clip["last_frame"] - clip["first_frame"] + 1
         assert span == 8 or (span < 8 and span >= DEFAULTS.min_track_frames)
         assert 0.0 <= clip["probability"] <= 1.0
-    assert len(read_video(out / "annotated.mp4")) == len(read_video(video))
+    annotated = read_video(out / "annotated.mp4")
+    assert len(annotated) == len(read_video(video))
+    # A 64-pixel video is shown 512 pixels high, the panel and risk strip beside it.
+    assert annotated.shape[1] > 512 and annotated.shape[2] > 512
     assert (out / "heatmap.png").read_bytes()[:8] == PNG
 
 
@@ -115,6 +119,7 @@ def test_predict_unreadable_video_exits_3_naming_it(model_dir, tmp_path, content
 
     assert result.exit_code == 3
     assert "scan.mp4" in result.stderr
+    assert "[Errno" not in result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -244,3 +249,66 @@ def test_the_scoring_loop_lists_unreadable_videos_and_moves_the_progress_bar():
     assert [(row.video, score) for row, score in scored] == [("a", "AA"), ("c", "CC")]
     assert failures == [{"video": "b", "error": "b: corrupt"}]
     assert calls == [(0, "a"), (1, "a"), (1, "b"), (2, "b"), (2, "c"), (3, "c")]
+
+
+def _not_videos(tmp: Path) -> dict[str, tuple[Path, str]]:
+    """Inputs FFmpeg would decode as "videos", and the reason each must be refused."""
+    from PIL import Image
+
+    text = tmp / "readme.txt"
+    text.write_text("# busfed\n\nFederated breast-ultrasound models.\n" * 20)
+    image = tmp / "scan.png"
+    Image.fromarray(np.full((64, 64), 90, np.uint8)).save(image)
+    folder = tmp / "sweeps"
+    folder.mkdir()
+    return {
+        "text": (text, f"{text}: not a video: FFmpeg reads it as text"),
+        "png": (image, f"{image}: a still image (png), not a video"),
+        "folder": (folder, f"{folder}: is a folder, not a file"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["text", "png", "folder"])
+def test_predict_refuses_what_is_not_a_video(model_dir, tmp_path, kind):
+    path, reason = _not_videos(tmp_path)[kind]
+
+    result = _predict(str(path), "--model", str(model_dir), "--out", str(tmp_path / "out"))
+
+    assert result.exit_code == 3, result.output
+    assert reason in result.stderr
+    assert "[Errno" not in result.stderr
+    assert "no lesion tracked" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("n_frames", "options", "reason"),
+    [
+        (5, ["--min-track-frames", "0"], "5 frames, a clip needs 8"),
+        (2, [], "2 frames, a clip needs 8 (3 resampled, --min-track-frames 3)"),
+        (1, ["--min-track-frames", "0"], "1 frame, a clip needs 8"),
+    ],
+    ids=["short", "short-resampled", "one-frame"],
+)
+def test_predict_refuses_a_video_shorter_than_a_clip(
+    model_dir, tmp_path, n_frames, options, reason
+):
+    video = tmp_path / "short.mp4"
+    write_video(video, np.full((n_frames, 64, 64), 90, np.uint8), fps=10)
+
+    result = _predict(
+        str(video), "--model", str(model_dir), "--out", str(tmp_path / "out"), *options
+    )
+
+    assert result.exit_code == 3, result.output
+    assert f"{video}: {reason}" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_accepts_a_video_as_short_as_a_resampled_clip(model_dir, tmp_path):
+    video = tmp_path / "short.mp4"
+    write_video(video, np.full((DEFAULTS.min_track_frames, 64, 64), 90, np.uint8), fps=10)
+
+    result = _predict(str(video), "--model", str(model_dir), "--out", str(tmp_path / "out"))
+
+    assert result.exit_code == 0, result.output

@@ -3,6 +3,11 @@
 Frames are ``uint8`` arrays ``[T, H, W]``: B-mode pixel intensities, one luma plane per
 frame. Videos are H.264 in MP4 (libx264, yuv420p). The luma plane is written and read
 as is, without a range conversion, so a pixel value only changes by the codec's loss.
+
+FFmpeg opens more than videos: it reads a text file as ANSI art (format ``tty``) and a
+picture through an image demuxer (``png_pipe``, ``image2`` ...), each as a short "video".
+The readers refuse both by the demuxer's name, and audio cover art by its disposition;
+a still image passes only where the caller asks for it (``still=True``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,14 @@ import av
 import numpy as np
 
 from common.errors import DataError
+
+# Demuxers that turn text into pictures of characters: not a scan, however it decodes.
+_TEXT_FORMATS = frozenset({"tty", "bin", "xbin", "adf", "idf"})
+# Demuxers of single pictures, besides every "<codec>_pipe" one. Animations (gif, apng)
+# are read as videos.
+_IMAGE_FORMATS = frozenset(
+    {"image2", "image2pipe", "alias_pix", "brender_pix", "fits", "ico", "txd"}
+)
 
 # Pixel formats whose first plane is 8-bit luma that can be read without conversion.
 _LUMA_FIRST = frozenset(
@@ -134,13 +147,15 @@ def write_video_rgb(path: Path, frames: np.ndarray, *, fps: int) -> None:
         container.mux(stream.encode(None))
 
 
-def read_video(path: Path) -> np.ndarray:
+def read_video(path: Path, *, still: bool = False) -> np.ndarray:
     """Decode every frame of a video to its luma plane.
 
     Parameters
     ----------
     path : Path
         A video file PyAV can open (any codec; not only those ``write_video`` writes).
+    still : bool
+        Also accept a still image (PNG, JPEG ...), read as one frame. Default False.
 
     Returns
     -------
@@ -150,34 +165,40 @@ def read_video(path: Path) -> np.ndarray:
     Raises
     ------
     DataError
-        The file is missing, is not a video, has no frames or fails to decode; the message
-        names the file and the reason.
+        The file is missing, is a folder, is not a video (text, a still image where
+        ``still`` is False, audio), has no frames or fails to decode; the message names
+        the file and the reason.
     """
     frames: list[np.ndarray] = []
-    with _open(path) as container:
+    container, stream = _open(path, still=still)
+    with container:
         try:
-            for frame in container.decode(video=0):
+            for frame in container.decode(stream):
                 frames.append(_luma(frame))
         except av.FFmpegError as error:
-            raise DataError(f"{path}: decode error at frame {len(frames)}: {error}") from error
+            raise DataError(
+                f"{path}: decode error at frame {len(frames)}: {_reason(error)}"
+            ) from error
     if not frames:
         raise DataError(f"{path}: the video has no frames")
     return np.stack(frames)
 
 
-def probe_video(path: Path) -> VideoInfo:
+def probe_video(path: Path, *, still: bool = False) -> VideoInfo:
     """Read a video's frame count, size and rate, and check that its first frame decodes.
 
     Counting frames demuxes the packets without decoding them; only the first frame is
     decoded, so a file whose later frames are damaged can still pass.
+
+    ``still`` is as for ``read_video``.
 
     Raises
     ------
     DataError
         As for ``read_video``.
     """
-    with _open(path) as container:
-        stream = container.streams.video[0]
+    container, stream = _open(path, still=still)
+    with container:
         count = 0
         first: av.VideoFrame | None = None
         try:
@@ -193,7 +214,7 @@ def probe_video(path: Path) -> VideoInfo:
                 decoded = stream.codec_context.decode(None)
                 first = decoded[0] if decoded else None
         except av.FFmpegError as error:
-            raise DataError(f"{path}: decode error: {error}") from error
+            raise DataError(f"{path}: decode error: {_reason(error)}") from error
         if count == 0 or first is None:
             raise DataError(f"{path}: the video has no frames")
         rate = stream.average_rate
@@ -205,19 +226,56 @@ def probe_video(path: Path) -> VideoInfo:
         )
 
 
-def _open(path: Path) -> av.container.InputContainer:
-    """Open a file for reading, turning every way it can fail into a ``DataError``."""
+def _open(
+    path: Path, *, still: bool
+) -> tuple[av.container.InputContainer, av.video.stream.VideoStream]:
+    """Open a video and its first picture stream, turning every way it can fail into a
+    ``DataError``; the caller closes the container."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, not a file")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
         container = av.open(str(path), mode="r")
     except av.FFmpegError as error:
-        raise DataError(f"{path}: not a readable video: {error}") from error
-    if not container.streams.video:
+        raise DataError(f"{path}: not a readable video: {_reason(error)}") from error
+    try:
+        stream = _video_stream(path, container, still=still)
+    except DataError:
         container.close()
-        raise DataError(f"{path}: the file has no video stream")
-    return container
+        raise
+    return container, stream
+
+
+def _video_stream(
+    path: Path, container: av.container.InputContainer, *, still: bool
+) -> av.video.stream.VideoStream:
+    """The stream to read, or ``DataError`` saying why the file is not a video."""
+    fmt = container.format.name
+    if fmt in _TEXT_FORMATS:
+        raise DataError(f"{path}: not a video: FFmpeg reads it as text (format {fmt})")
+    # Cover art of an audio file is a video stream of one picture.
+    pictures = [
+        s for s in container.streams.video if not s.disposition & av.stream.Disposition.attached_pic
+    ]
+    if not pictures:
+        cover = " (only a cover picture)" if container.streams.video else ""
+        raise DataError(f"{path}: the file has no video stream{cover}")
+    stream = pictures[0]
+    is_image = (
+        fmt in _IMAGE_FORMATS
+        or fmt.endswith("_pipe")
+        or bool(stream.disposition & av.stream.Disposition.still_image)
+    )
+    if is_image and not still:
+        raise DataError(f"{path}: a still image ({stream.codec_context.name}), not a video")
+    return stream
+
+
+def _reason(error: av.FFmpegError) -> str:
+    """FFmpeg's message alone: ``str(error)`` adds ``[Errno N]`` and repeats the path."""
+    return error.strerror or type(error).__name__
 
 
 def _luma(frame: av.VideoFrame) -> np.ndarray:

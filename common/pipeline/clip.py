@@ -48,6 +48,11 @@ class ClipPlan:
     region: Box
 
 
+def fewest_clip_frames(*, clip_len: int, min_track_frames: int) -> int:
+    """The shortest track, and so video, that ``plan_clips`` makes a clip of."""
+    return min_track_frames if 0 < min_track_frames < clip_len else clip_len
+
+
 def plan_clips(
     tracks: Sequence[Track], *, clip_len: int, min_track_frames: int = 0
 ) -> list[ClipPlan]:
