@@ -133,6 +133,14 @@ def demo(
             "and every round's version (AUC with 95% CI); 0: none",
         ),
     ] = DemoSettings.held_out_patients,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            help="seconds the federated run may take; then the demo stops it and every "
+            "process it started, and exits 5",
+        ),
+    ] = DemoSettings.timeout_s,
 ) -> None:
     """Synthetic (or ingested real) hospitals train a model together: TLS, SecAgg+, DP, MLflow."""
     from common.models.bundle import bundle_class
@@ -143,7 +151,7 @@ def demo(
     settings = DemoSettings(
         rounds=rounds, sites=sites, patients=patients, model=bundle_class(model).kind,
         data_from=data_from, init=_absolute_model(init), pretrain_patients=pretrain_patients,
-        held_out_patients=held_out_patients,
+        held_out_patients=held_out_patients, timeout_s=timeout,
     )  # fmt: skip
     run_demo(out, settings, console, replace=replace)
 

@@ -6,16 +6,19 @@ authentication, Flower's SecAgg+, Opacus DP-SGD at each site, MLflow with SQLite
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import shutil
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from common.config import (
     SiteConfig,
@@ -29,12 +32,15 @@ from common.errors import FederationError, UsageError
 from common.keys import create_signing_key
 from common.privacy.ledger import LEDGER_FILE
 from common.privacy.settings import DPSettings
+from common.site_states import describe_site_states, format_site_names, read_site_states
 from deploy.audit.report import write_report
 from deploy.audit.verify import verify_ledgers
+from deploy.federation.consortium import ENROLMENT_LOG, LAUNCH_LOG
 from deploy.federation.runs import check_finished_run
 from deploy.heldout import HeldOutScore, score_version
 from deploy.launcher import APP_DIR, LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
+from deploy.processes import HOST
 from deploy.synth import generate_site
 
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
@@ -242,17 +248,85 @@ def site_keys(config_path: Path) -> NodeKeys:
     )
 
 
-def start_sites(fed: LocalFederation, configs: list[Path]) -> None:
-    """Enrol each site's public key, start its SuperNode, wait until all are online."""
+def start_sites(fed: LocalFederation, configs: list[Path]) -> dict[int, str]:
+    """Enrol each site's public key, start its SuperNode, wait until all are online.
+
+    Returns the site of each node id the SuperLink gave.
+    """
+    enrolled = {}
     for path in configs:
         site = path.parent.name
-        fed.register(site, site_keys(path))
+        enrolled[fed.register(site, site_keys(path))] = site
         fed.start_supernode(site, site_keys(path), node_config={"site-config": str(path)})
     wait_online(fed, len(configs), timeout=120)
+    return enrolled
 
 
-def run_config_for(out: Path, settings: DemoSettings) -> dict[str, Any]:
-    """The ServerApp's run config: everything the consortium proposes for this run."""
+def lay_out_consortium(
+    out: Path, fed: LocalFederation, enrolled: dict[int, str], configs: list[Path]
+) -> Path:
+    """Write ``out/consortium`` as `busfed federation init` and `enrol` would have: the
+    lead's commands (``federation status``, ``log``, ``stop``) then work on the demo, while
+    it runs and (from its logs and MLflow) after it has stopped."""
+    from deploy.federation.consortium import (
+        CONSORTIUM_FILE,
+        ConsortiumFile,
+        PkiSection,
+        SuperLinkSection,
+        TrackingSection,
+        render_consortium_file,
+    )
+    from deploy.federation.enrolment import EnrolmentEvent, node_public_key
+    from deploy.federation.logs import append_line
+
+    folder = out / "consortium"
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = ConsortiumFile(
+        name="demo",
+        superlink=SuperLinkSection(
+            hosts=[HOST], listen=HOST, port=fed.port, database=fed.workdir / "superlink.db"
+        ),
+        pki=PkiSection(
+            ca_cert=fed.pki.ca_cert, ca_key=fed.pki.ca_key,
+            server_cert=fed.pki.server_cert, server_key=fed.pki.server_key,
+        ),
+        tracking=TrackingSection(
+            mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
+            mlflow_artifact_location=str(out / "mlartifacts"),
+            registered_model="",
+            out_dir=out,
+        ),
+    )  # fmt: skip
+    (folder / CONSORTIUM_FILE).write_text(render_consortium_file(settings))
+    now = dt.datetime.now(dt.UTC)
+    by_site = {path.parent.name: path for path in configs}
+    for node_id, site in enrolled.items():
+        line, fingerprint = node_public_key(site_keys(by_site[site]).public_key)
+        event = EnrolmentEvent(
+            event="enrol", site=site, node_id=node_id, fingerprint=fingerprint, at=now,
+            public_key=line,
+        )  # fmt: skip
+        append_line(folder / ENROLMENT_LOG, event.model_dump_json())
+    return folder
+
+
+def log_launch(consortium: Path, run_id: int, out: Path, run_config: dict[str, Any]) -> None:
+    """Append the demo's run to its consortium folder's launch log."""
+    from deploy.federation.logs import append_line
+    from deploy.federation.runs import LaunchRecord
+
+    record = LaunchRecord(
+        run_id=run_id, campaign="demo", out_dir=out, at=dt.datetime.now(dt.UTC),
+        run_config=run_config,
+    )  # fmt: skip
+    append_line(consortium / LAUNCH_LOG, record.model_dump_json())
+
+
+def run_config_for(
+    out: Path, settings: DemoSettings, site_names: dict[int, str] | None = None
+) -> dict[str, Any]:
+    """The ServerApp's run config: everything the consortium proposes for this run, and
+    which site holds which node (so that logs name sites, not node ids)."""
     return {
         "num-server-rounds": settings.rounds,
         "preset": settings.preset,
@@ -270,6 +344,7 @@ def run_config_for(out: Path, settings: DemoSettings) -> dict[str, Any]:
         "secagg-timeout-limit": settings.secagg_timeout_limit,
         "secagg-timeout-factor": 3.0,
         "init-model": settings.init,
+        "site-names": format_site_names(site_names or {}),
     }
 
 
@@ -345,6 +420,9 @@ def run_demo(
     """
     console = console or Console()
     out = out.resolve()
+    if settings.init and ":/" not in settings.init and not Path(settings.init).is_dir():
+        # Found now, not by the ServerApp minutes later.
+        raise UsageError(f"--init {settings.init}: no model version folder there")
     if out.exists() and any(out.iterdir()):
         if not replace:
             raise UsageError(f"{out} is not empty; choose another --out or pass --replace")
@@ -358,17 +436,20 @@ def run_demo(
     held_out = prepare_held_out(out, settings, console)
     settings = pretrain_start(out, settings, console)
     pki = create_consortium_pki(out / "pki", hosts=["127.0.0.1", "localhost"])
-    run_config = run_config_for(out, settings)
     rounds_log = out / "rounds.jsonl"
     rounds_log.unlink(missing_ok=True)
     (out / "summary.json").unlink(missing_ok=True)
     with LocalFederation(out / "federation", pki) as fed:
         fed.start_superlink(database=out / "federation" / "superlink.db")
         console.print(f"SuperLink on https://{fed.address} (TLS, SuperNode auth)")
-        start_sites(fed, configs)
+        enrolled = start_sites(fed, configs)
+        consortium = lay_out_consortium(out, fed, enrolled, configs)
         fed.start_watchdog()
         console.print(f"{settings.sites} sites online; launching {settings.rounds} rounds")
+        run_config = run_config_for(out, settings, enrolled)
         run_id = fed.run(APP_DIR, run_config)
+        log_launch(consortium, run_id, out, run_config)
+        console.print(f"The lead's view while it runs: busfed federation status --dir {consortium}")
         status = watch_run(fed, run_id, rounds_log, settings, console)
         restarts = [r.as_json() for r in fed.watchdog.restarts] if fed.watchdog else []
     summary_path = out / "summary.json"
@@ -387,6 +468,18 @@ def run_demo(
     return summary
 
 
+class RoundProgress(Progress):
+    """The rounds' progress bar with, under it, each site's state in the round in progress
+    (waiting, training, update sent, dropped with the reason: the ServerApp's sites.json)."""
+
+    sites = ""
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        yield self.make_tasks_table(self.tasks)
+        if self.sites:
+            yield Text(self.sites, style="dim")
+
+
 def watch_run(
     fed: LocalFederation, run_id: int, rounds_log: Path, settings: DemoSettings, console: Console
 ) -> str:
@@ -399,10 +492,12 @@ def watch_run(
         TextColumn("{task.completed}/{task.total} rounds"),
         TimeElapsedColumn(),
     )
-    with Progress(*columns, console=console) as progress:
+    with RoundProgress(*columns, console=console) as progress:
         task = progress.add_task("federated training", total=settings.rounds)
         while True:
             status = str(fed.run_status(run_id).get("status", ""))
+            states = read_site_states(rounds_log.parent)
+            progress.sites = describe_site_states(states) if states else "sites: waiting"
             lines = rounds_log.read_text().splitlines() if rounds_log.exists() else []
             for line in lines[shown:]:
                 r = json.loads(line)
@@ -493,6 +588,13 @@ def audit(
     }
 
 
+def mlflow_ui_command(tracking_uri: str) -> str:
+    """The MLflow UI for the demo's registry. One worker: with the default four, the
+    workers of a loaded two-core machine missed their start-up deadline and were killed and
+    restarted for minutes ("Child process ... died"); one served in under a minute."""
+    return f"mlflow ui --workers 1 --backend-store-uri {tracking_uri}"
+
+
 def report(summary: dict[str, Any], out: Path, console: Console) -> None:
     held_out = summary.get("held_out")
     console.print(round_table(summary["rounds"], held_out))
@@ -515,6 +617,7 @@ def report(summary: dict[str, Any], out: Path, console: Console) -> None:
         f"summary: {out / 'summary.json'}\n"
         f"registered model: {summary['registered_model']} "
         f"(versions {', '.join(str(r['model_version']) for r in summary['rounds'])})\n"
-        f"MLflow UI: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}\n"
+        f"MLflow UI: {mlflow_ui_command(summary['mlflow_tracking_uri'])}\n"
+        f"the lead's commands on it: busfed federation status --dir {out / 'consortium'}\n"
         f"wall time: {summary['wall_seconds']:.0f} s"
     )

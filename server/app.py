@@ -27,8 +27,10 @@ from common.models.bundle import (
     get_weights,
 )
 from common.models.detector import DEFAULT_TRUNK
+from common.site_states import STATE_FILE, parse_site_names
 from server.registry import load_model
 from server.secagg import PacedSecAggPlusWorkflow, StagePacing
+from server.site_state import SiteStates, WatchedGrid
 from server.strategy import TrackedFedAvg, privacy_from_tags, strict_json
 from server.tracking import Tracker
 
@@ -72,7 +74,9 @@ def summary(strategy: TrackedFedAvg, tracker: Tracker, *, secure: bool) -> dict[
     }
 
 
-def secure_fit_workflow(run_config: dict[str, Any]) -> PacedSecAggPlusWorkflow | None:
+def secure_fit_workflow(
+    run_config: dict[str, Any], states: SiteStates | None = None
+) -> PacedSecAggPlusWorkflow | None:
     """SecAgg+ as the run config asks for it, or None for Flower's plain fit workflow.
 
     Each stage waits ``secagg-timeout-limit`` seconds until it has been timed once, then
@@ -87,6 +91,7 @@ def secure_fit_workflow(run_config: dict[str, Any]) -> PacedSecAggPlusWorkflow |
     )
     return PacedSecAggPlusWorkflow(
         pacing=pacing,
+        states=states,
         num_shares=int(run_config["secagg-num-shares"]),
         reconstruction_threshold=int(run_config["secagg-reconstruction-threshold"]),
     )
@@ -232,6 +237,11 @@ def main(grid: Grid, context: Context) -> None:
     model, registered_model = chosen_model(dict(rc))
 
     campaign = str(rc.get("campaign", "")) or f"run-{context.run_id}"
+    try:
+        names = parse_site_names(str(rc.get("site-names", "")))
+    except ValueError as exc:
+        raise FederationError(f"run config {exc}") from exc
+    states = SiteStates(out_dir / STATE_FILE, names=names)
 
     tracker = Tracker(
         tracking_uri=str(rc["mlflow-tracking-uri"]),
@@ -275,6 +285,7 @@ def main(grid: Grid, context: Context) -> None:
         round_offset=start.round,
         site_privacy=start.site_privacy,
         version_tags=initial.tags(),
+        site_states=states,
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=min_sites,
@@ -297,7 +308,7 @@ def main(grid: Grid, context: Context) -> None:
         ),
         strategy=strategy,
     )
-    fit_workflow = secure_fit_workflow(dict(rc))
+    fit_workflow = secure_fit_workflow(dict(rc), states)
     if fit_workflow is not None:
         strategy.stage_timing = fit_workflow.round_timing
     log(
@@ -308,7 +319,7 @@ def main(grid: Grid, context: Context) -> None:
     status = "FAILED"
     result_of_run: dict[str, Any] = {"ok": False, "reason": "the ServerApp failed"}
     try:
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        DefaultWorkflow(fit_workflow=fit_workflow)(WatchedGrid(grid, states), legacy)
         strategy.finish()
         result_of_run = outcome(strategy, asked=max(0, rounds - start.round))
         status = "FINISHED" if result_of_run["ok"] else "FAILED"

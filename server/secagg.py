@@ -30,6 +30,8 @@ from flwr.server import Grid, LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
+from server.site_state import SiteStates
+
 STAGES = ("setup", "share_keys", "collect_masked_vectors", "unmask")
 
 
@@ -79,9 +81,12 @@ class StageRun:
 class PacedSecAggPlusWorkflow(SecAggPlusWorkflow):  # type: ignore[misc]
     """Flower's SecAgg+ protocol unchanged; only each stage's timeout is chosen per round."""
 
-    def __init__(self, *, pacing: StagePacing, **secaggplus: Any) -> None:
+    def __init__(
+        self, *, pacing: StagePacing, states: SiteStates | None = None, **secaggplus: Any
+    ) -> None:
         super().__init__(timeout=pacing.limit_s, **secaggplus)
         self.pacing = pacing
+        self.states = states  # told which stage is under way (sites.json)
         self.measured: dict[str, list[float]] = {stage: [] for stage in STAGES}
         self.runs: list[StageRun] = []  # the current round's stages
 
@@ -102,6 +107,8 @@ class PacedSecAggPlusWorkflow(SecAggPlusWorkflow):  # type: ignore[misc]
         state: WorkflowState,
     ) -> bool:
         self.timeout = self.pacing.timeout(self.measured[stage])
+        if self.states is not None:
+            self.states.stage = stage
         sites_in = len(state.active_node_ids)
         started = time.monotonic()
         completed = bool(run_stage(grid, context, state))

@@ -33,6 +33,8 @@ from common.evaluation.validation import HISTOGRAM_KEY
 from common.metrics import pooled_auc_from_histograms
 from common.models.bundle import ModelBundle, set_weights
 from common.privacy.ledger import LEDGER_METRIC
+from common.site_states import STATE_FILE
+from server.site_state import SiteStates
 from server.tracking import Tracker
 
 # Per-site metrics that are averaged into the round's metrics, weighted by patients.
@@ -145,6 +147,7 @@ class TrackedFedAvg(FedAvg):
         round_offset: int = 0,
         site_privacy: dict[str, dict[str, float]] | None = None,
         version_tags: dict[str, str] | None = None,
+        site_states: SiteStates | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
@@ -160,7 +163,9 @@ class TrackedFedAvg(FedAvg):
         self._pending: RoundRecord | None = None
         self._last_round_end = time.time()
         self._sampled: set[str] = set()
-        self._site_of_node: dict[str, str] = {}  # learnt from the sites' own metrics
+        # Each site's state in the round in progress (sites.json), and its name: from the
+        # run config's site-names (the enrolment log) and from the sites' own metrics.
+        self.site_states = site_states or SiteStates(rounds_log.parent / STATE_FILE)
         # Every site's latest reported epsilon, delta and budget: a site that sat a round out
         # still has its spend tagged on that round's model version (after a resume too).
         self._privacy_of_site: dict[str, dict[str, float]] = dict(site_privacy or {})
@@ -173,6 +178,7 @@ class TrackedFedAvg(FedAvg):
     ) -> list[tuple[ClientProxy, FitIns]]:
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self._sampled = {proxy.cid for proxy, _ in instructions}
+        self.site_states.new_round(server_round + self.round_offset, self._sampled)
         return instructions
 
     def aggregate_fit(
@@ -186,14 +192,13 @@ class TrackedFedAvg(FedAvg):
         record = RoundRecord(round=server_round, secagg_stages=self.stage_timing())
         record.failures = [describe_failure(f) for f in failures]
         for proxy, res in results:
-            self._site_of_node[proxy.cid] = str(res.metrics.get("site", proxy.cid))
+            if "site" in res.metrics:
+                self.site_states.learn(proxy.cid, str(res.metrics["site"]))
         # A site that died mid-round sends neither an update nor an error (under SecAgg+ it
         # drops out of the protocol), and SecAgg+ errors carry no node id: so every sampled
         # site without an update is listed by name, never left to vanish silently.
         answered = {proxy.cid for proxy, _ in results}
-        record.dropped = [
-            self._site_of_node.get(cid, f"node {cid}") for cid in sorted(self._sampled - answered)
-        ]
+        record.dropped = sorted(self.site_states.name(c) for c in self._sampled - answered)
         for reason in record.failures:
             log(WARNING, "round %s: a site failed or refused: %s", server_round, reason)
         if record.dropped:
@@ -276,7 +281,7 @@ class TrackedFedAvg(FedAvg):
             self._flush()
             record = RoundRecord(round=server_round, secagg_stages=self.stage_timing())
             record.failures = ["no aggregate: too few sites sent an update; model unchanged"]
-            record.dropped = sorted(self._site_of_node.get(c, f"node {c}") for c in self._sampled)
+            record.dropped = sorted(self.site_states.name(c) for c in self._sampled)
             record.metrics["sites_participating"] = 0.0
             self._pending = record
         histograms = [

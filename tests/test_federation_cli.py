@@ -30,18 +30,21 @@ from typer.testing import CliRunner
 from client.doctor import check_superlink
 from common.errors import ConfigError, UsageError
 from common.keys import NodeKeys, create_node_keys
+from common.site_states import STATE_FILE
 from deploy.federation.cli import federation_app
 from deploy.federation.consortium import (
     CONSORTIUM_FILE,
     ENROLMENT_LOG,
+    LAUNCH_LOG,
     Consortium,
     init_consortium,
 )
 from deploy.federation.enrolment import EnrolmentEvent, enrolled_sites, read_enrolments
-from deploy.federation.runs import app_run_config, run_config_for
+from deploy.federation.runs import LaunchRecord, app_run_config, run_config_for
 from deploy.federation.status import site_privacy
 from deploy.launcher import APP_DIR, LocalFederation
 from deploy.processes import free_port
+from server.site_state import SiteStates
 from tests.tls import tls_server
 
 runner = CliRunner()
@@ -368,6 +371,16 @@ def test_status_without_a_superlink_still_shows_the_log_and_mlflow(tmp_path):
         at=dt.datetime.now(dt.UTC), public_key=keys.public_key.read_text().strip(),
     )  # fmt: skip
     (tmp_path / "c" / ENROLMENT_LOG).write_text(entry.model_dump_json() + "\n")
+    # A run that was launched and is in its second round: hospital-a has sent its update.
+    out_dir = tmp_path / "c" / "runs" / "spring"
+    out_dir.mkdir(parents=True)
+    (out_dir / "rounds.jsonl").write_text(json.dumps({"round": 1, "model_version": "1"}) + "\n")
+    SiteStates(out_dir / STATE_FILE, names={42: "hospital-a"}).new_round(2, [42])
+    launch = LaunchRecord(
+        run_id=7, campaign="spring", out_dir=out_dir, at=dt.datetime.now(dt.UTC),
+        run_config={"num-server-rounds": 3},
+    )  # fmt: skip
+    (tmp_path / "c" / LAUNCH_LOG).write_text(launch.model_dump_json() + "\n")
     client = MlflowClient(
         tracking_uri=consortium.mlflow_tracking_uri, registry_uri=consortium.mlflow_tracking_uri
     )
@@ -394,6 +407,12 @@ def test_status_without_a_superlink_still_shows_the_log_and_mlflow(tmp_path):
     assert (b["site"], b["enrolment"], b["epsilon"], b["epsilon_budget"]) == (
         "hospital-b", "not enrolled", 2.0, None,
     )  # fmt: skip
+    (run,) = report["runs"]  # from the launch log and the run's own records
+    assert (run["run_id"], run["status"], run["campaign"], run["last_round"]) == (
+        7, "? (SuperLink not reached)", "spring", 1,
+    )  # fmt: skip
+    assert run["round_states"]["round"] == 2
+    assert run["round_states"]["sites"]["hospital-a"]["state"] == "waiting"
 
     table = invoke("status", "--dir", tmp_path / "c")
     assert table.exit_code == 5

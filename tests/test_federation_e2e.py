@@ -16,6 +16,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow import MlflowClient
 from rich.console import Console
@@ -29,6 +30,8 @@ from deploy.demo import (
     site_keys,
     start_sites,
 )
+from deploy.federation.consortium import Consortium
+from deploy.federation.status import federation_status
 from deploy.launcher import LocalFederation
 from deploy.pki import create_consortium_pki, create_node_keys
 from deploy.pretrain import PRIVACY_NOTE
@@ -48,11 +51,6 @@ PRETRAINED = replace(
 )
 QUIET = Console(quiet=True)
 RESTART_SEC = 10  # deploy/systemd/busfed-supernode@.service waits 30 s; a test, less
-
-
-def processes_mentioning(text: str) -> list[str]:
-    out = subprocess.run(["pgrep", "-af", text], capture_output=True, text=True).stdout
-    return [line for line in out.splitlines() if "pgrep" not in line]
 
 
 def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
@@ -107,7 +105,22 @@ def test_demo_round_with_tls_node_auth_and_secagg(tmp_path: Path) -> None:
     for name in ("hospital-a", "hospital-b", "hospital-c"):
         events = [json.loads(x) for x in (out / "sites" / name / "state" / "events.jsonl").open()]
         assert [e["event"] for e in events] == ["fit-start", "fit-end"]
-    assert processes_mentioning(str(out)) == []
+    assert processes_of(out) == []
+
+    # The demo's consortium folder: the lead's status reads it after the demo has stopped.
+    report = federation_status(Consortium.load(out / "consortium"))
+    assert {s["site"]: s["enrolment"] for s in report["sites"]} == {
+        "hospital-a": "enrolled", "hospital-b": "enrolled", "hospital-c": "enrolled",
+    }  # fmt: skip
+    assert "superlink" in report["errors"] and report["model"]["version"] == "1"
+    (launched,) = report["runs"]
+    assert (launched["campaign"], launched["last_round"]) == ("demo", 1)
+    # Every site's state at the end of the round, by name (never a node id).
+    states = launched["round_states"]
+    assert states["round"] == 1
+    assert {s: e["state"] for s, e in states["sites"].items()} == {
+        "hospital-a": "evaluated", "hospital-b": "evaluated", "hospital-c": "evaluated",
+    }  # fmt: skip
 
     # A second demo into the same folder never silently replaces the first one's records.
     from common.errors import UsageError
@@ -156,8 +169,8 @@ def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
     events = victim.parent / "state" / "events.jsonl"
     with LocalFederation(out / "federation", pki) as fed:
         fed.start_superlink()
-        start_sites(fed, configs)
-        run_id = fed.run(APP_DIR, run_config_for(out, settings))
+        enrolled = start_sites(fed, configs)
+        run_id = fed.run(APP_DIR, run_config_for(out, settings, enrolled))
         deadline = time.monotonic() + 240
         while not (events.exists() and "fit-start" in events.read_text()):
             assert time.monotonic() < deadline, "the victim site never started training"
@@ -189,7 +202,7 @@ def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
     round1, *_, last = summary["rounds"]
     assert round1["sites"] == ["hospital-a", "hospital-b"]
     assert round1["model_version"] == "1"
-    assert len(round1["dropped"]) == 1  # named, not silently missing
+    assert round1["dropped"] == [site]  # named, not silently missing nor a node id
     # The site that died is back for the first round that starts once the SuperLink lets
     # it in again (round 2 or 3, depending on how long round 1 waited for it), and trains.
     assert last["sites"] == ["hospital-a", "hospital-b", "hospital-c"]
@@ -201,11 +214,12 @@ def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
     assert site_keys(victim).private_key.exists()
 
 
-def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
-    out = tmp_path / "demo"
+def demo_process(out: Path, *extra: str) -> subprocess.Popen[str]:
+    """``busfed demo`` as a user starts it, small and without pretraining."""
     busfed = Path(sys.executable).parent / "busfed"
-    demo = subprocess.Popen(
-        [str(busfed), "demo", "--out", str(out), "--patients", "4"],
+    small = ["--patients", "4", "--rounds", "1", "--pretrain-patients", "0"]
+    return subprocess.Popen(
+        [str(busfed), "demo", "--out", str(out), *small, "--held-out-patients", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -214,17 +228,92 @@ def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
         # passes SIGINT down ignored, and Python then never turns it into KeyboardInterrupt.
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
+
+
+def read_until(demo: subprocess.Popen[str], text: str) -> list[str]:
     assert demo.stdout is not None
     seen = []
     for line in demo.stdout:
         seen.append(line)
-        if "sites online" in line:
-            break
-    assert processes_mentioning(str(out)), "the federation should be running now"
+        if text in line:
+            return seen
+    raise AssertionError(f"the demo ended before printing {text!r}:\n" + "".join(seen))
+
+
+def processes_of(out: Path) -> list[str]:
+    """Processes whose command line names ``out`` or that run in it: the ones Flower
+    detaches (flower-superexec, flwr-serverapp) hang from PID 1 and name no path, but they
+    run in the federation's folder."""
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        try:
+            cmdline = " ".join(p.info["cmdline"] or [])
+            cwd = p.info["cwd"] or ""
+        except psutil.Error:
+            continue
+        if p.pid != os.getpid() and (str(out) in cmdline or cwd.startswith(str(out))):
+            found.append(f"{p.pid} {cmdline}")
+    return found
+
+
+def test_ctrl_c_stops_every_process_the_demo_started(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    demo = demo_process(out)
+    seen = read_until(demo, "sites online")
+    assert processes_of(out), "the federation should be running now"
     demo.send_signal(signal.SIGINT)
+    assert demo.stdout is not None
     rest = demo.stdout.read()  # to EOF: the demo has exited (pytest-timeout guards a hang)
     demo.wait(timeout=60)
     assert demo.returncode == 130, "".join(seen) + rest
     assert "interrupted" in rest
     time.sleep(1)
-    assert processes_mentioning(str(out)) == []
+    assert processes_of(out) == []
+
+
+def flower_process(out: Path, name: str, *, timeout: float = 180) -> psutil.Process:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in processes_of(out):
+            pid, cmdline = line.split(" ", 1)
+            if name in cmdline:
+                return psutil.Process(int(pid))
+        time.sleep(0.5)
+    raise AssertionError(f"no {name} process of {out} within {timeout:.0f} s")
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(
+    ("failure", "says"),
+    [
+        ("superlink-dies", "superlink"),
+        ("serverapp-dies", "ended as finished:failed"),
+        ("timeout", "did not finish in 20 s"),
+    ],
+)
+def test_every_failed_demo_stops_every_process_it_started(
+    tmp_path: Path, failure: str, says: str
+) -> None:
+    """The Ctrl-C test's siblings: the SuperLink dies, the run fails (its ServerApp is
+    killed), the run times out. Each exits 5 naming why, and leaves no process behind
+    (a failed demo once left a 1.15 GB flwr-serverapp hanging from PID 1)."""
+    out = tmp_path / "demo"
+    demo = demo_process(out, *(["--timeout", "20"] if failure == "timeout" else []))
+    seen = read_until(demo, "federation status --dir")  # the run is launched
+    if failure == "superlink-dies":
+        flower_process(out, "busfed-superlink").kill()
+    elif failure == "serverapp-dies":
+        # Once it is in round 1: one killed before it has taken the run is started again.
+        deadline = time.monotonic() + 180
+        while not (out / "sites.json").exists():
+            assert time.monotonic() < deadline, "the ServerApp never started round 1"
+            time.sleep(0.5)
+        flower_process(out, "flwr-serverapp").kill()
+    assert demo.stdout is not None
+    rest = demo.stdout.read()
+    demo.wait(timeout=60)
+    output = "".join(seen) + rest
+    assert demo.returncode == 5, output
+    assert says in rest.lower(), output
+    time.sleep(1)
+    assert processes_of(out) == [], output

@@ -18,6 +18,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from common.cli import reports_errors
+from common.site_states import describe_site_states
 from deploy.federation.consortium import (
     DEFAULT_PORT,
     DEFAULT_REGISTERED_MODEL,
@@ -526,6 +527,9 @@ def _print_status(report: dict[str, Any]) -> None:
             run["out_dir"] or "-",
         )
     console.print(runs)
+    for run in report["runs"]:
+        if run["status"].startswith("running") and run.get("round_states"):
+            console.print(f"run {run['run_id']}, {describe_site_states(run['round_states'])}")
     model = report["model"]
     if model:
         console.print(

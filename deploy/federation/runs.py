@@ -19,7 +19,9 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from common.errors import FederationError, UsageError
+from common.site_states import format_site_names
 from deploy.federation.consortium import NAME_PATTERN, Consortium
+from deploy.federation.enrolment import enrolled_sites, read_enrolments
 from deploy.federation.logs import append_line, read_jsonl
 from deploy.launcher import APP_DIR
 
@@ -139,6 +141,9 @@ def start_run(
             raise UsageError(f"--preset {preset!r}: one of {', '.join(sorted(PRESETS))}")
     now = now or dt.datetime.now(dt.UTC)
     out_dir = consortium.out_dir / (campaign or f"{now:%Y%m%dT%H%M%SZ}")
+    # The ServerApp's logs and round records then name sites, not 19-digit node ids.
+    enrolled = enrolled_sites(read_enrolments(consortium.enrolment_log))
+    site_names = format_site_names({event.node_id: site for site, event in enrolled.items()})
     run_config = run_config_for(
         consortium,
         rounds=rounds,
@@ -156,6 +161,7 @@ def start_run(
         model=model,
         init_model=init_model,
         trunk=None if trunk is None else _checked_trunk(trunk),
+        site_names=site_names or None,
     )
     run_id = consortium.cli().submit(app_dir, run_config)
     record = LaunchRecord(

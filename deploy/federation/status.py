@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import FederationError, TrackingError
+from common.site_states import read_site_states
 from deploy.federation.consortium import DEFAULT_MODEL, Consortium
 from deploy.federation.enrolment import enrolled_sites, read_enrolments
 from deploy.federation.runs import read_launches
@@ -106,6 +107,9 @@ def federation_status(consortium: Consortium) -> dict[str, Any]:
             runs = asked_runs.result()
         except FederationError as exc:
             errors["superlink"] = str(exc)
+            # What was launched is still known from the launch log (the demo's consortium
+            # folder after the demo has stopped its SuperLink, say).
+            runs = [{"run-id": i, "status": "? (SuperLink not reached)"} for i in launches]
         try:
             model = asked_model.result()
         except TrackingError as exc:
@@ -156,6 +160,8 @@ def federation_status(consortium: Consortium) -> dict[str, Any]:
                 "last_round_version": recorded.get("model_version") if recorded else None,
                 "out_dir": str(launch.out_dir) if launch else None,
                 "started_at": launch.at.isoformat() if launch else None,
+                # Each site's state in the round in progress (or the last), from the ServerApp.
+                "round_states": read_site_states(launch.out_dir) if launch else None,
             }
         )
     return {
