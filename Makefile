@@ -11,10 +11,16 @@ venv: $(STAMP)
 # One pip command for everything: flwr pins protobuf, cryptography and fastapi tightly, and
 # torch===2.13.0 must come from the registry (its torchvision does not load with the local
 # +cpu wheel).
+# pip's own lines (Collecting, Downloading with a bar, Installing) are the progress; the
+# venv is about 6 GB, 2.7 GB of it the CUDA libraries torch 2.13.0 from PyPI depends on
+# (a CPU-only torch with a torchvision that loads beside it does not resolve from PyPI on
+# x86_64: README, "Installing").
 $(STAMP): pyproject.toml
+	@echo "busfed: creating $(VENV): torch, torchvision, Flower, MLflow, Opacus, PyAV and the"
+	@echo "dev tools, about 6 GB; usually 5-10 minutes (longer on a busy machine)."
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on -e ".[dev]"
 	touch $(STAMP)
 
 demo: $(STAMP)

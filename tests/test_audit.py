@@ -323,3 +323,10 @@ def test_report_renders_in_a_headless_browser(sites, tmp_path):
     assert dom.count("data:image/png;base64,") == 2
     for needle in ("VERIFIED", "site-a", "site-b"):
         assert needle in dom
+
+
+def test_the_budget_line_spans_every_round_even_a_single_one():
+    from deploy.audit.report import budget_steps
+
+    assert budget_steps([8.0]) == ([-0.5, 0.5], [8.0, 8.0])  # one round: still a line
+    assert budget_steps([8.0, 8.0, 10.0]) == ([-0.5, 0.5, 1.5, 2.5], [8.0, 8.0, 10.0, 10.0])

@@ -105,6 +105,14 @@ def _unique(path: Path, taken: list[Path]) -> Path:
     return candidate
 
 
+def budget_steps(budgets: list[float]) -> tuple[list[float], list[float]]:
+    """The budget line: each round's budget over its whole slot, round i from i - 0.5 to
+    i + 0.5, so that one round still draws a line (a step through its point alone drew
+    none, while the legend listed it)."""
+    xs = [i - 0.5 for i in range(len(budgets))] + [len(budgets) - 0.5]
+    return xs, [*budgets, *budgets[-1:]]
+
+
 def _plot(ledger: LedgerVerdict) -> bytes:
     """PNG: the site's epsilon after each round (recorded and recomputed) against its budget."""
     # Imported here: `busfed audit verify` needs no plotting stack.
@@ -142,9 +150,8 @@ def _plot(ledger: LedgerVerdict) -> bytes:
         label="recomputed by the auditor (dp-accounting)",
     )
     ax.step(
-        x,
-        [c.entry.budget for c in points],
-        where="mid",
+        *budget_steps([c.entry.budget for c in points]),
+        where="post",
         color="#b22222",
         linestyle="--",
         label="budget",
@@ -165,6 +172,7 @@ def _plot(ledger: LedgerVerdict) -> bytes:
         f"{ledger.site}: epsilon at delta {last.delta:g} ({last.accountant}), patient-level"
     )
     ax.set_xticks(x, labels)
+    ax.set_xlim(-0.5, len(x) - 0.5)
     ax.set_xlabel("round" if len(runs) == 1 else "run.round")
     ax.set_ylabel("epsilon")
     top = max(max(c.entry.budget, c.entry.epsilon_total, c.epsilon_total) for c in points)
