@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rich import box
 from rich.console import Console, RenderableType
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -370,18 +371,27 @@ def check_superlink(fed: LocalFederation) -> None:
 def round_table(rounds: list[dict[str, Any]], held_out: dict[str, Any] | None = None) -> Table:
     """One row per round; with a held-out hospital, a first row for the start (round 0)
     and each version's score on it (AUC, or AP for a detector, with its 95% CI)."""
-    table = Table(title="federated rounds")
+    table = Table(title="federated rounds", box=box.SIMPLE_HEAD, pad_edge=False)
     scores = {s["round"]: HeldOutScore.from_json(s) for s in (held_out or {}).get("scores", [])}
     metric = next(iter(scores.values())).metric if scores else ""
-    columns = ["round", "sites", "training loss", "pooled val AUC", "max ε", "version", "s"]
+    # Each network of the model the campaign trains (WAUVE's two, or the comparator).
+    networks = [
+        key
+        for key in ("detector_loss", "classifier_loss", "keyframe_loss")
+        if any(r["metrics"].get(key) is not None for r in rounds)
+    ]
+    short = {"detector_loss": "det", "classifier_loss": "cls", "keyframe_loss": "2D"}
+    losses = "loss " + " / ".join(short[key] for key in networks)
+    # Narrow enough for an 80-column terminal: the version is the round's line above.
+    columns = ["round", "sites", losses if networks else "loss", "val AUC", "max ε", "s"]
     if scores:
         columns.insert(4, f"held-out {metric} (95% CI)")
     for col in columns:
         table.add_column(col, justify="right")
     if 0 in scores:
         start = scores[0].version
-        name = "seeded weights" if start == "seeded weights" else f"start: {Path(start).name}"
-        table.add_row("0", name, "-", "-", scores[0].text(), "-", "-", "-")
+        name = "seeded" if start == "seeded weights" else "start"
+        table.add_row("0", name, "-", "-", scores[0].text(), "-", "-")
     for r in rounds:
         m = r["metrics"]
 
@@ -390,17 +400,10 @@ def round_table(rounds: list[dict[str, Any]], held_out: dict[str, Any] | None = 
 
         cells = [
             str(r["round"]),
-            f"{len(r['sites'])}" + (f" ({len(r['dropped'])} dropped)" if r["dropped"] else ""),
-            # Each network of the model the campaign trains (WAUVE's two, or the comparator).
-            " ".join(
-                f"{key.removesuffix('_loss')} {m[key]:.3f}"
-                for key in ("detector_loss", "classifier_loss", "keyframe_loss")
-                if m.get(key) is not None
-            )
-            or "-",
+            f"{len(r['sites'])}" + (f" ({len(r['dropped'])} out)" if r["dropped"] else ""),
+            " / ".join(fmt(key) for key in networks) or "-",
             fmt("pooled_patient_val_auc"),
             fmt("epsilon_max", ".2f"),
-            str(r.get("model_version")),
             fmt("round_seconds", ".0f"),
         ]
         if scores:
