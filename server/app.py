@@ -241,7 +241,7 @@ def main(grid: Grid, context: Context) -> None:
         names = parse_site_names(str(rc.get("site-names", "")))
     except ValueError as exc:
         raise FederationError(f"run config {exc}") from exc
-    states = SiteStates(out_dir / STATE_FILE, names=names)
+    states = SiteStates(out_dir / STATE_FILE, names={str(n): site for n, site in names.items()})
 
     tracker = Tracker(
         tracking_uri=str(rc["mlflow-tracking-uri"]),

@@ -64,24 +64,28 @@ class SiteStates:
     """Each sampled site's state in the round in progress, kept in ``path``."""
 
     path: Path
-    names: dict[int, str] = field(default_factory=dict)
+    # Node ids as Flower's messages (int) and legacy proxies (str cid) give them: keyed by
+    # their text, so both find the same site.
+    names: dict[str, str] = field(default_factory=dict)
     round: int = 0
     stage: str = ""  # the SecAgg+ stage under way ("" outside SecAgg+)
-    sites: dict[int, dict[str, Any]] = field(default_factory=dict)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.names = {str(node): site for node, site in self.names.items()}
 
     def name(self, node_id: int | str) -> str:
-        node = int(node_id)
-        return self.names.get(node, f"node {node}")
+        return self.names.get(str(node_id), f"node {node_id}")
 
     def learn(self, node_id: int | str, site: str) -> None:
         """A site told its name in its metrics."""
-        self.names[int(node_id)] = site
+        self.names[str(node_id)] = site
 
     def new_round(self, server_round: int, node_ids: Iterable[int | str]) -> None:
         # Not the stage: SecAgg+ samples the round's sites inside its setup stage.
         self.round = server_round
         now = time.time()
-        self.sites = {int(n): {"state": "waiting", "since": now} for n in node_ids}
+        self.sites = {str(n): {"state": "waiting", "since": now} for n in node_ids}
         self._write()
 
     def asked(self, messages: list[Message]) -> None:
@@ -122,8 +126,8 @@ class SiteStates:
         key = self.stage if kind == "train" and self.stage else kind
         return ASKED.get(key, (f"asked ({kind})", f"answered ({kind})"))
 
-    def _set(self, node_id: int, state: str) -> None:
-        entry = self.sites.setdefault(int(node_id), {"state": "", "since": 0.0})
+    def _set(self, node_id: int | str, state: str) -> None:
+        entry = self.sites.setdefault(str(node_id), {"state": "", "since": 0.0})
         if entry["state"] != state:
             entry.update(state=state, since=time.time())
 

@@ -375,7 +375,7 @@ def test_status_without_a_superlink_still_shows_the_log_and_mlflow(tmp_path):
     out_dir = tmp_path / "c" / "runs" / "spring"
     out_dir.mkdir(parents=True)
     (out_dir / "rounds.jsonl").write_text(json.dumps({"round": 1, "model_version": "1"}) + "\n")
-    SiteStates(out_dir / STATE_FILE, names={42: "hospital-a"}).new_round(2, [42])
+    SiteStates(out_dir / STATE_FILE, names={"42": "hospital-a"}).new_round(2, [42])
     launch = LaunchRecord(
         run_id=7, campaign="spring", out_dir=out_dir, at=dt.datetime.now(dt.UTC),
         run_config={"num-server-rounds": 3},

@@ -51,7 +51,7 @@ def test_a_failure_reason_is_the_sites_own_words() -> None:
 
 
 def test_a_site_is_named_once_known_and_its_wait_is_shown(tmp_path: Path) -> None:
-    states = SiteStates(tmp_path / "sites.json", names={1: "hospital-a"})
+    states = SiteStates(tmp_path / "sites.json", names={"1": "hospital-a"})
     states.new_round(4, ["1", "2"])
     seen = read_site_states(tmp_path)
     assert seen is not None
