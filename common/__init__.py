@@ -6,9 +6,9 @@ reads this list and checks every import against it, so a new top-level module or
 of ``common/`` goes into one of the layers here.
 
 1. ``errors``, ``files``: the error hierarchy and atomic writes; they import nothing of busfed.
-2. ``cli``, ``config``, ``keys``, ``flower_compat``, ``privacy``: what every command shares
-   (exit codes, the site config, key files, Flower's patches, privacy accounting and the
-   ledger); they know nothing of images.
+2. ``cli``, ``config``, ``keys``, ``flower_compat``, ``privacy``, ``site_states``: what every
+   command shares (exit codes, the site config, key files, Flower's patches, privacy
+   accounting and the ledger, each site's state in a round); they know nothing of images.
 3. ``geometry``: boxes, clip windows, crop regions and crops, one definition for training
    and inference.
 4. ``models``: the networks, their presets, bundles and weight loading.
