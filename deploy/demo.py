@@ -6,7 +6,6 @@ authentication, Flower's SecAgg+, Opacus DP-SGD at each site, MLflow with SQLite
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import shutil
 import time
@@ -36,12 +35,11 @@ from common.privacy.settings import DPSettings
 from common.site_states import describe_site_states, format_site_names, read_site_states
 from deploy.audit.report import write_report
 from deploy.audit.verify import verify_ledgers
-from deploy.federation.consortium import ENROLMENT_LOG, LAUNCH_LOG
+from deploy.demo_consortium import lay_out_consortium, log_launch
 from deploy.federation.runs import check_finished_run
 from deploy.heldout import HeldOutScore, score_version
 from deploy.launcher import APP_DIR, LocalFederation
 from deploy.pki import NodeKeys, create_consortium_pki, create_node_keys
-from deploy.processes import HOST
 from deploy.synth import generate_site
 
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c", "hospital-d", "hospital-e")
@@ -263,66 +261,6 @@ def start_sites(fed: LocalFederation, configs: list[Path]) -> dict[int, str]:
     return enrolled
 
 
-def lay_out_consortium(
-    out: Path, fed: LocalFederation, enrolled: dict[int, str], configs: list[Path]
-) -> Path:
-    """Write ``out/consortium`` as `busfed federation init` and `enrol` would have: the
-    lead's commands (``federation status``, ``log``, ``stop``) then work on the demo, while
-    it runs and (from its logs and MLflow) after it has stopped."""
-    from deploy.federation.consortium import (
-        CONSORTIUM_FILE,
-        ConsortiumFile,
-        PkiSection,
-        SuperLinkSection,
-        TrackingSection,
-        render_consortium_file,
-    )
-    from deploy.federation.enrolment import EnrolmentEvent, node_public_key
-    from deploy.federation.logs import append_line
-
-    folder = out / "consortium"
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = ConsortiumFile(
-        name="demo",
-        superlink=SuperLinkSection(
-            hosts=[HOST], listen=HOST, port=fed.port, database=fed.workdir / "superlink.db"
-        ),
-        pki=PkiSection(
-            ca_cert=fed.pki.ca_cert, ca_key=fed.pki.ca_key,
-            server_cert=fed.pki.server_cert, server_key=fed.pki.server_key,
-        ),
-        tracking=TrackingSection(
-            mlflow_tracking_uri=f"sqlite:///{out / 'mlflow.db'}",
-            mlflow_artifact_location=str(out / "mlartifacts"),
-            registered_model="",
-            out_dir=out,
-        ),
-    )  # fmt: skip
-    (folder / CONSORTIUM_FILE).write_text(render_consortium_file(settings))
-    now = dt.datetime.now(dt.UTC)
-    by_site = {path.parent.name: path for path in configs}
-    for node_id, site in enrolled.items():
-        line, fingerprint = node_public_key(site_keys(by_site[site]).public_key)
-        event = EnrolmentEvent(
-            event="enrol", site=site, node_id=node_id, fingerprint=fingerprint, at=now,
-            public_key=line,
-        )  # fmt: skip
-        append_line(folder / ENROLMENT_LOG, event.model_dump_json())
-    return folder
-
-
-def log_launch(consortium: Path, run_id: int, out: Path, run_config: dict[str, Any]) -> None:
-    """Append the demo's run to its consortium folder's launch log."""
-    from deploy.federation.logs import append_line
-    from deploy.federation.runs import LaunchRecord
-
-    record = LaunchRecord(
-        run_id=run_id, campaign="demo", out_dir=out, at=dt.datetime.now(dt.UTC),
-        run_config=run_config,
-    )  # fmt: skip
-    append_line(consortium / LAUNCH_LOG, record.model_dump_json())
-
-
 def run_config_for(
     out: Path, settings: DemoSettings, site_names: dict[int, str] | None = None
 ) -> dict[str, Any]:
@@ -446,7 +384,7 @@ def run_demo(
         fed.start_superlink(database=out / "federation" / "superlink.db")
         console.print(f"SuperLink on https://{fed.address} (TLS, SuperNode auth)")
         enrolled = start_sites(fed, configs)
-        consortium = lay_out_consortium(out, fed, enrolled, configs)
+        consortium = lay_out_consortium(out, fed, enrolled, configs, site_keys)
         fed.start_watchdog()
         console.print(f"{settings.sites} sites online; launching {settings.rounds} rounds")
         run_config = run_config_for(out, settings, enrolled)
