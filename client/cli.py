@@ -18,7 +18,6 @@ from rich.table import Table
 
 from common.cli import exit_codes
 from common.config import SiteConfig, load_site_config, render_site_config
-from common.data.manifest import MANIFEST, load_site
 from common.errors import BusfedError, UsageError, ValidationFailed, validation_problems
 from common.keys import create_node_keys, create_signing_key, signing_key_paths
 from common.privacy.accountant import AccountantKind, SiteAccountant
@@ -58,6 +57,8 @@ def validate(
         bool, typer.Option("--json", help="Print the result as JSON instead of a table.")
     ] = False,
 ) -> None:
+    from common.data.manifest import load_site  # loads torch: not for --help
+
     try:
         if not directory.is_dir():
             raise UsageError(f"{directory}: no such folder")
@@ -384,6 +385,8 @@ def _spent(kind: AccountantKind, delta: float, chosen: list[DPSettings], steps: 
 
 def _training_patients(data: Path) -> tuple[int | None, str, str | None]:
     """The training patients in ``data``'s manifest, where from, or why there is no count."""
+    from common.data.manifest import MANIFEST, load_site
+
     manifest = data / MANIFEST
     if not manifest.is_file():
         return None, "", f"{manifest} does not exist yet"

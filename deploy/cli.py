@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
+import textwrap
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -16,27 +19,32 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from client.cli import site_app
 from common.errors import EXIT_CODES, BusfedError
 from deploy.audit.cli import audit_app
-from deploy.demo import DemoSettings
+from deploy.demo_settings import DemoSettings
 from deploy.federation.cli import federation_app
 from deploy.metrics_cli import METRICS_HELP, metrics_command
 from deploy.predict_cli import evaluate_command, predict_command
 from deploy.pretrain_cli import PRETRAIN_HELP, pretrain_command
-from deploy.synth.sheet import sheet_command
 
 console = Console()
 err_console = Console(stderr=True)
 
+# Help is click's plain text, wrapped to the terminal: Typer's Rich panels cut option names
+# and help at 80 columns ("--score-thresho…"). rich_markup_mode=None alone is not enough in
+# Typer 0.20: while Rich is importable it still escapes "[required]" as "\[required]" (fixed
+# in 0.21, which flwr 1.41's typer<0.21 pin rules out), hence its flag, read at help time.
+typer.core.HAS_RICH = False
+
 app = typer.Typer(
     help="busfed: federated, differentially private breast-ultrasound video risk model.\n\n"
-    "Exit codes: " + "; ".join(f"{k} {v}" for k, v in EXIT_CODES.items()),
+    "Exit codes:\n" + "\n".join(f"{k}  {v}" for k, v in EXIT_CODES.items()),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
 )
 app.add_typer(site_app, name="site")
 app.add_typer(federation_app, name="federation")
 app.command(name="metrics", help=METRICS_HELP)(metrics_command)
 app.add_typer(audit_app, name="audit")
-app.command(name="synth-sheet")(sheet_command)
 app.command(name="predict")(predict_command)
 app.command(name="evaluate")(evaluate_command)
 app.command(name="pretrain", help=PRETRAIN_HELP)(pretrain_command)
@@ -84,6 +92,19 @@ def synth(
         f"{summary.site}: {summary.n_patients} patients, {summary.n_videos} videos "
         f"({summary.n_malignant} malignant), vendor {summary.vendor} -> {out}"
     )
+
+
+@app.command(name="synth-sheet")
+def synth_sheet(
+    out: Annotated[Path, typer.Option(help="PNG file to write")],
+    seed: Annotated[int, typer.Option(min=0, help="seeds every sweep")] = 0,
+    size: Annotated[int, typer.Option(min=32, help="frame side in pixels (even)")] = 256,
+) -> None:
+    """Write a contact sheet of synthetic frames, one row per vendor, to eyeball them."""
+    from deploy.synth.sheet import write_contact_sheet
+
+    write_contact_sheet(out, seed=seed, size=size)
+    console.print(f"contact sheet -> {out}")
 
 
 @app.command()
@@ -163,6 +184,44 @@ def _absolute_model(model: str) -> str:
     return str(Path(model).resolve())
 
 
+HELP_WIDTH = 76  # click indents help text by 2 and wraps it at 78 columns at most
+_ITEM = re.compile(r"\d+  |- ")  # an exit code ("3  unreadable input") or a bullet
+
+
+def _keep_lists(text: str) -> str:
+    """``text`` with its lists (exit codes, bullets) kept one item a line for click.
+
+    Click rewraps each paragraph into one; a paragraph of items after an optional heading
+    ending in ":" is wrapped here, each item with a hanging indent, and marked with click's
+    no-rewrap escape (``\\b``).
+    """
+    paragraphs = []
+    for paragraph in text.split("\n\n"):
+        lines = paragraph.split("\n")
+        items = lines[1:] if lines[0].endswith(":") else lines
+        if len(lines) > 1 and all(_ITEM.match(item) for item in items):
+            kept = [
+                textwrap.fill(item, HELP_WIDTH, subsequent_indent=" " * m.end())
+                for item in items
+                if (m := _ITEM.match(item))
+            ]
+            paragraph = "\b\n" + "\n".join(lines[: len(lines) - len(items)] + kept)
+        paragraphs.append(paragraph)
+    return "\n\n".join(paragraphs)
+
+
+def command() -> click.Command:
+    """The ``busfed`` click command, every help text's lists kept as lists."""
+    root = typer.main.get_command(app)
+    todo = [root]
+    while todo:
+        each = todo.pop()
+        if each.help:
+            each.help = _keep_lists(each.help)
+        todo.extend(getattr(each, "commands", {}).values())
+    return root
+
+
 INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
 
 
@@ -176,7 +235,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         # Not click's standalone mode, so that errors map to busfed's exit codes here.
-        result = app(standalone_mode=False)
+        result = command().main(standalone_mode=False)
     except BusfedError as exc:
         err_console.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(exc.exit_code)

@@ -10,7 +10,7 @@ import json
 import shutil
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ from common.site_states import describe_site_states, format_site_names, read_sit
 from deploy.audit.report import write_report
 from deploy.audit.verify import verify_ledgers
 from deploy.demo_consortium import lay_out_consortium, log_launch
+from deploy.demo_settings import DemoSettings
 from deploy.federation.runs import check_finished_run
 from deploy.heldout import HeldOutScore, score_version
 from deploy.launcher import APP_DIR, LocalFederation
@@ -47,37 +48,6 @@ VENDORS = ("vendor-a", "vendor-b", "vendor-c")
 # Malignant and benign patients a demo hospital holds at least (16 patients at seed 8 drew
 # no malignant one).
 MIN_PER_CLASS = 3
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    rounds: int = 3
-    sites: int = 3
-    patients: int = 16
-    frames: int = 32
-    size: int = 128
-    seed: int = 7
-    preset: str = "tiny"
-    model: str = "wauve"
-    local_steps: int = 3
-    learning_rate: float = 0.05
-    # From the pretrained start the detector takes smaller steps (pyproject's comment).
-    detector_learning_rate: float = 0.01
-    secure_aggregation: bool = True
-    timeout_s: float = 1500.0
-    secagg_timeout: float = 60.0
-    secagg_timeout_limit: float = 900.0
-    # Ingested site datasets (one folder each) to federate instead of synthetic hospitals.
-    data_from: Path | None = None
-    # The model the campaign starts from (a folder or models:/ URI). "" with
-    # pretrain_patients > 0: a version 0 pretrained here on synthetic public patients
-    # (busfed pretrain's work); "" without: seeded random weights.
-    init: str = ""
-    pretrain_patients: int = 150
-    pretrain_steps: int = 300  # the classifier's (or key-frame model's) AdamW steps
-    pretrain_detector_steps: int = 600
-    # A synthetic hospital that never trains, scored with every version (0: none).
-    held_out_patients: int = 40
 
 
 def demo_site_config(

@@ -19,7 +19,7 @@ import math
 from dataclasses import asdict
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import click
 import typer
@@ -30,17 +30,9 @@ from rich.table import Table
 from common.cli import reports_errors
 from common.errors import UsageError
 from common.evaluation.score_table import ScoreTable, load_score_table
-from common.metrics import (
-    TABLE_MEASURES,
-    Direction,
-    GroupReport,
-    Proportion,
-    ThresholdMetrics,
-    build_report,
-    comparison_rows,
-    roc_curve,
-)
-from deploy.plots import RocLine, write_roc_png
+
+if TYPE_CHECKING:  # common.metrics loads SciPy's stats (most of a second): not for --help
+    from common.metrics import Direction, GroupReport, Proportion, ThresholdMetrics
 
 CONF_LEVEL = 0.95
 MAX_SKIPPED_SHOWN = 10
@@ -271,6 +263,8 @@ def _markdown_table(
     threshold: float | None,
     match_sensitivity: float | None,
 ) -> str:
+    from common.metrics import TABLE_MEASURES, comparison_rows
+
     first = reports[0].scores[0].name
     headings = [
         *([by] if by else []),
@@ -312,6 +306,8 @@ def _percent_inline(proportion: Proportion) -> str:
 
 def _csv_table(reports: list[GroupReport], *, by: str | None) -> str:
     """Every figure of Table 2 at full precision, proportions as fractions; NaN is blank."""
+    from common.metrics import comparison_rows
+
     rows = [row for report in reports for row in comparison_rows(report)]
     columns = [c for c in rows[0] if c != "group" or by]
     buffer = io.StringIO()
@@ -335,6 +331,9 @@ def plot_rocs(
     title: str,
 ) -> None:
     """Every score's ROC curve on one PNG, each operating point marked on its curve."""
+    from common.metrics import roc_curve
+    from deploy.plots import RocLine, write_roc_png
+
     lines = []
     for score in report.scores:
         auc = score.auc
@@ -426,6 +425,8 @@ def metrics_command(
         raise UsageError("--label, --score and --by must name different columns")
     if threshold is not None and not math.isfinite(threshold):
         raise UsageError(f"--threshold {threshold}: must be a finite number")
+    from common.metrics import build_report
+
     table = load_score_table(
         scores_csv, label=label, positive=positive, negative=negative, score_columns=score, by=by
     )
@@ -433,7 +434,7 @@ def metrics_command(
         table.labels,
         table.scores,
         table.groups,
-        direction=cast(Direction, direction),
+        direction=cast("Direction", direction),
         threshold=threshold,
         match_sensitivity=match_sensitivity,
         conf_level=CONF_LEVEL,

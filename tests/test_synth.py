@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import typer
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -18,6 +17,7 @@ from common.data.manifest import BOX_COLUMNS
 from common.data.video import read_video
 from common.errors import UsageError
 from common.pipeline.score import categorise
+from deploy.cli import app
 from deploy.synth import (
     LESION_COLUMNS,
     LOG_ODDS,
@@ -36,7 +36,7 @@ from deploy.synth import (
     speckle_envelope,
     speckle_iq,
 )
-from deploy.synth.sheet import sheet_command, write_contact_sheet
+from deploy.synth.sheet import write_contact_sheet
 
 SMALL: dict[str, Any] = {"patients": 6, "frames": 16, "size": 64}
 
@@ -558,10 +558,9 @@ def test_contact_sheet_writes_a_png_of_the_expected_size(tmp_path: Path) -> None
 
 
 def test_sheet_command_writes_the_sheet(tmp_path: Path) -> None:
-    app = typer.Typer()
-    app.command()(sheet_command)
-
-    result = CliRunner().invoke(app, ["--out", str(tmp_path / "s.png"), "--size", "48"])
+    result = CliRunner().invoke(
+        app, ["synth-sheet", "--out", str(tmp_path / "s.png"), "--size", "48"]
+    )
 
     assert result.exit_code == 0, result.output
     with Image.open(tmp_path / "s.png") as image:

@@ -12,9 +12,6 @@ import math
 from pathlib import Path
 from typing import Any, Literal
 
-import dp_accounting
-from absl import logging as absl_logging
-from opacus.accountants import PRVAccountant, RDPAccountant
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import DataError, PrivacyError, validation_problems
@@ -128,6 +125,9 @@ def _compose(history: list[Mechanism], extra: list[Mechanism]) -> list[Mechanism
 
 
 def _dp_accounting_rdp_epsilon(history: list[Mechanism], delta: float) -> float:
+    import dp_accounting  # here, not at the top: the CLI's help must not load it
+    from absl import logging as absl_logging
+
     # dp-accounting warns on every composition about the fractional orders it drops at
     # large q; the drop is by design (the bound stays valid): spare the site's log.
     verbosity = absl_logging.get_verbosity()
@@ -149,6 +149,9 @@ def _epsilon(kind: str, history: list[Mechanism], delta: float) -> float:
         return 0.0
     if any(noise == 0 for noise, _, _ in history):
         return math.inf
+    # Opacus loads torch (seconds): imported by the accounting, not by whoever imports this.
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if kind == "rdp":
         rdp = RDPAccountant()
         rdp.history = list(history)

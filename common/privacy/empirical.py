@@ -25,7 +25,6 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from scipy.stats import binom
 
 from common.errors import PrivacyError, UsageError, validation_problems
 from common.privacy.ledger import NoiseSource
@@ -57,6 +56,8 @@ def audit_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> fl
         raise PrivacyError(f"epsilon must be finite and >= 0, got {epsilon}")
     if not 0 <= delta <= 1:
         raise PrivacyError(f"delta must be in [0, 1], got {delta}")
+    from scipy.stats import binom  # half a second to import: not for the CLI's help
+
     q = 1 / (1 + math.exp(-epsilon))
     beta = float(binom.sf(v - 1, r, q))
     alpha = 0.0

@@ -27,13 +27,13 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import dp_accounting
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-from dp_accounting.pld import PLDAccountant
-from dp_accounting.rdp import RdpAccountant
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    import dp_accounting
 
 from common.errors import ConfigError, UsageError, validation_problems
 from common.keys import load_verify_key, signing_key_paths
@@ -170,12 +170,17 @@ class ReferenceAccountant:
 
 
 def _gaussian_step(noise_multiplier: float, sample_rate: float) -> dp_accounting.DpEvent:
+    import dp_accounting  # imported where the epsilons are recomputed, not by the CLI's help
+
     return dp_accounting.PoissonSampledDpEvent(
         sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier)
     )
 
 
 def _new_accountant(kind: str) -> dp_accounting.PrivacyAccountant:
+    from dp_accounting.pld import PLDAccountant
+    from dp_accounting.rdp import RdpAccountant
+
     return RdpAccountant() if kind == "rdp" else PLDAccountant()
 
 

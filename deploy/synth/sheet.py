@@ -8,10 +8,8 @@ lexicon features, its label and the sweep's direction and speed.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
 
 import numpy as np
-import typer
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
@@ -145,13 +143,3 @@ def _frames_across(visible: list[int], count: int, frames: int) -> list[int]:
     first, last = (visible[0] - 1, visible[-1] + 1) if visible else (0, frames - 1)
     first, last = max(0, first), min(frames - 1, last)
     return [int(t) for t in np.linspace(first, last, count).round()]
-
-
-def sheet_command(
-    out: Annotated[Path, typer.Option(help="PNG file to write")],
-    seed: Annotated[int, typer.Option(min=0, help="seeds every sweep")] = 0,
-    size: Annotated[int, typer.Option(min=32, help="frame side in pixels (even)")] = 256,
-) -> None:
-    """Write a contact sheet of synthetic frames, one row per vendor, to eyeball them."""
-    write_contact_sheet(out, seed=seed, size=size)
-    typer.echo(f"contact sheet -> {out}")
