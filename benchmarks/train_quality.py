@@ -39,7 +39,9 @@ Setting keys (defaults are the demo's): ``steps`` local DP steps per network and
 (3), ``lr`` (0.05), ``dlr`` the detector's own learning rate (0: ``lr``; the demo's run
 config ``detector-learning-rate``), ``sigma`` noise multiplier (1.5; 0 is a NON-PRIVATE
 run, labelled as such), ``C`` per-patient clip norm (1.0), ``q`` patient sampling rate
-(0.3), ``patients`` per site (16), ``detector`` (0). Epsilon is what one site's
+(0.3), ``patients`` per site (16), ``detector`` (0), ``train`` which of the
+classifier's parameters train (``all``; ``last-stage``, ``norm``, ``head``:
+``common.models.trainable``). Epsilon is what one site's
 accountant would record at delta 1e-5 after all rounds, detector and classifier composed,
 as the demo's sites do whether or not the detector is trained here.
 """
@@ -64,6 +66,7 @@ from common.metrics import AucCI, auc_ci
 from common.models.bundle import build_bundle, get_weights, set_weights
 from common.models.loading import load_bundle_dir
 from common.models.presets import get_preset
+from common.models.trainable import train_only
 from common.privacy.accountant import SiteAccountant
 from common.privacy.settings import DPSettings
 from deploy.heldout import HeldOutScore, score_version
@@ -85,6 +88,7 @@ class Setting:
     patients: int = 16
     detector: bool = False
     dlr: float = 0.0
+    train: str = "all"
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -105,9 +109,10 @@ class Setting:
     def label(self) -> str:
         privacy = f"sigma {self.sigma:g}" if self.private else "NON-PRIVATE (sigma 0)"
         detector_lr = f", detector lr {self.dlr:g}" if self.dlr else ""
+        trains = f", trains {self.train}" if self.train != "all" else ""
         return (
             f"{self.patients} pt/site, {self.steps} steps, lr {self.lr:g}{detector_lr}, "
-            f"q {self.q:g}, C {self.C:g}, {privacy}"
+            f"q {self.q:g}, C {self.C:g}, {privacy}{trains}"
         )
 
 
@@ -213,6 +218,7 @@ def run_setting(
                     lr=setting.dlr or setting.lr, device=device, generator=generator,
                     secure_rng=False,
                 )  # fmt: skip
+            train_only(bundle.classifier, setting.train)
             train_classifier(
                 bundle.classifier, units.classifier, dp=dp, steps=setting.steps,
                 lr=setting.lr, device=device, generator=generator, secure_rng=False,

@@ -56,6 +56,7 @@ from common.models.bundle import (
 )
 from common.models.detector import DEFAULT_TRUNK, check_trunk
 from common.models.presets import get_preset
+from common.models.trainable import check_trains, train_only
 from common.pipeline.config import PipelineConfig
 from common.pipeline.run import detector_clip_windows
 from common.privacy.ledger import LEDGER_METRIC, LedgerEntry
@@ -115,6 +116,8 @@ class SiteClient(NumPyClient):
         # The detector's own step size; 0 (or absent, from an older server): the same.
         self.detector_lr = float(run_config.get("detector-learning-rate", 0.0)) or self.lr
         self.seed = int(run_config.get("seed", 0))
+        # Absent (an older server): every parameter trains, as before.
+        self.classifier_trains = check_trains(str(run_config.get("classifier-trains", "all")))
         self.proposal = Proposal.from_run_config(run_config)
         self.model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
         self.trunk = check_trunk(str(run_config.get("trunk", DEFAULT_TRUNK)))
@@ -305,6 +308,9 @@ class SiteClient(NumPyClient):
             self.warn_insecure_rng(round_id.round)
         # Used only with secure_rng = false: then whoever knows the seed knows the noise.
         generator = torch.Generator().manual_seed(int(time.time_ns() % 2**63))
+        for name, network in bundle.networks.items():
+            if name != "detector":
+                train_only(network, self.classifier_trains)
         return {
             name: TRAINERS[name](
                 network, units[name], dp=settings[name], steps=self.steps,

@@ -245,6 +245,7 @@ def run_config_for(
         "local-steps": settings.local_steps,
         "learning-rate": settings.learning_rate,
         "detector-learning-rate": settings.detector_learning_rate,
+        "classifier-trains": settings.classifier_trains,
         "mlflow-tracking-uri": f"sqlite:///{out / 'mlflow.db'}",
         "mlflow-artifact-location": str(out / "mlartifacts"),
         "out-dir": str(out),

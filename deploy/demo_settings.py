@@ -21,6 +21,7 @@ class DemoSettings:
     learning_rate: float = 0.05
     # From the pretrained start the detector takes smaller steps (pyproject's comment).
     detector_learning_rate: float = 0.01
+    classifier_trains: str = "all"  # run config classifier-trains (pyproject's comment)
     secure_aggregation: bool = True
     timeout_s: float = 1500.0
     secagg_timeout: float = 60.0

@@ -318,6 +318,13 @@ def start(
             "pretrained detector's boxes through DP noise.",
         ),
     ] = None,
+    classifier_trains: Annotated[
+        str | None,
+        typer.Option(
+            help="Which of the classifier's (or key-frame model's) parameters the sites "
+            "train: all (default), last-stage, norm or head (the head on frozen features).",
+        ),
+    ] = None,
     min_sites: Annotated[
         int | None, typer.Option(min=1, help="Sites needed for a round to go ahead.")
     ] = None,
@@ -378,6 +385,7 @@ def start(
         local_steps=local_steps,
         learning_rate=learning_rate,
         detector_learning_rate=detector_learning_rate,
+        classifier_trains=classifier_trains,
         min_sites=min_sites,
         proposed_noise_multiplier=proposed_noise_multiplier,
         proposed_sample_rate=proposed_sample_rate,

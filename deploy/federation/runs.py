@@ -19,6 +19,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from common.errors import FederationError, UsageError
+from common.models.trainable import check_trains
 from common.site_states import format_site_names
 from deploy.federation.consortium import NAME_PATTERN, Consortium
 from deploy.federation.enrolment import enrolled_sites, read_enrolments
@@ -102,6 +103,7 @@ def start_run(
     local_steps: int | None = None,
     learning_rate: float | None = None,
     detector_learning_rate: float | None = None,
+    classifier_trains: str | None = None,
     min_sites: int | None = None,
     proposed_noise_multiplier: float | None = None,
     proposed_sample_rate: float | None = None,
@@ -153,6 +155,7 @@ def start_run(
         local_steps=local_steps,
         learning_rate=learning_rate,
         detector_learning_rate=detector_learning_rate,
+        classifier_trains=None if classifier_trains is None else check_trains(classifier_trains),
         min_sites=min_sites,
         proposed_noise_multiplier=proposed_noise_multiplier,
         proposed_sample_rate=proposed_sample_rate,
