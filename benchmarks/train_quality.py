@@ -41,9 +41,10 @@ config ``detector-learning-rate``), ``sigma`` noise multiplier (1.5; 0 is a NON-
 run, labelled as such), ``C`` per-patient clip norm (1.0), ``q`` patient sampling rate
 (0.3), ``patients`` per site (16), ``detector`` (0), ``train`` which of the
 classifier's parameters train (``all``; ``last-stage``, ``norm``, ``head``:
-``common.models.trainable``). Epsilon is what one site's
-accountant would record at delta 1e-5 after all rounds, detector and classifier composed,
-as the demo's sites do whether or not the detector is trained here.
+``common.models.trainable``), ``views`` augmented copies of each clip averaged in a
+patient's gradient before clipping (1; ``client.train.train_per_sample``). Epsilon is
+what one site's accountant would record at delta 1e-5 after all rounds, detector and
+classifier composed, as the demo's sites do whether or not the detector is trained here.
 """
 
 from __future__ import annotations
@@ -89,6 +90,7 @@ class Setting:
     detector: bool = False
     dlr: float = 0.0
     train: str = "all"
+    views: int = 1
 
     @classmethod
     def parse(cls, text: str) -> Setting:
@@ -110,6 +112,7 @@ class Setting:
         privacy = f"sigma {self.sigma:g}" if self.private else "NON-PRIVATE (sigma 0)"
         detector_lr = f", detector lr {self.dlr:g}" if self.dlr else ""
         trains = f", trains {self.train}" if self.train != "all" else ""
+        trains += f", {self.views} views" if self.views > 1 else ""
         return (
             f"{self.patients} pt/site, {self.steps} steps, lr {self.lr:g}{detector_lr}, "
             f"q {self.q:g}, C {self.C:g}, {privacy}{trains}"
@@ -222,6 +225,7 @@ def run_setting(
             train_classifier(
                 bundle.classifier, units.classifier, dp=dp, steps=setting.steps,
                 lr=setting.lr, device=device, generator=generator, secure_rng=False,
+                views=setting.views,
             )  # fmt: skip
             fit_seconds.append(time.perf_counter() - started)
             fit_cpu_seconds.append(time.process_time() - started_cpu)

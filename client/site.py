@@ -118,6 +118,7 @@ class SiteClient(NumPyClient):
         self.seed = int(run_config.get("seed", 0))
         # Absent (an older server): every parameter trains, as before.
         self.classifier_trains = check_trains(str(run_config.get("classifier-trains", "all")))
+        self.augment_views = int(run_config.get("augment-views", 1))
         self.proposal = Proposal.from_run_config(run_config)
         self.model = bundle_class(str(run_config.get("model", DEFAULT_MODEL))).kind
         self.trunk = check_trunk(str(run_config.get("trunk", DEFAULT_TRUNK)))
@@ -316,6 +317,7 @@ class SiteClient(NumPyClient):
                 network, units[name], dp=settings[name], steps=self.steps,
                 lr=self.detector_lr if name == "detector" else self.lr,
                 device=self.device, generator=generator, secure_rng=secure_rng,
+                **({} if name == "detector" else {"views": self.augment_views}),
             )
             for name, network in bundle.networks.items()
         }  # fmt: skip

@@ -23,6 +23,7 @@ from torchvision.models.detection import FasterRCNN
 from client.dp import MechanismRecord, run_dp_sgd
 from common.data.keyframes import KeyFrameUnit
 from common.data.units import ClassifierUnit, DetectorUnit
+from common.errors import UsageError
 from common.privacy.settings import DPSettings
 
 
@@ -123,6 +124,7 @@ def train_classifier(
     generator: torch.Generator,
     secure_rng: bool,
     clips_per_pass: int = 32,
+    views: int = 1,
 ) -> MechanismRecord:
     """Train the classifier in place with ``steps`` DP-SGD steps, privacy unit = patient.
 
@@ -144,6 +146,8 @@ def train_classifier(
         As for ``train_detector``.
     clips_per_pass : int
         Clips per forward pass; only memory and speed depend on it.
+    views : int
+        Augmentation multiplicity (``train_per_sample``); 1: the clips as cut.
 
     Returns
     -------
@@ -161,6 +165,7 @@ def train_classifier(
         generator=generator,
         secure_rng=secure_rng,
         samples_per_pass=clips_per_pass,
+        views=views,
     )
 
 
@@ -175,6 +180,7 @@ def train_keyframe(
     generator: torch.Generator,
     secure_rng: bool,
     images_per_pass: int = 64,
+    views: int = 1,
 ) -> MechanismRecord:
     """Train the key-frame model in place with ``steps`` DP-SGD steps, privacy unit = patient.
 
@@ -192,6 +198,8 @@ def train_keyframe(
         As for ``train_detector``.
     images_per_pass : int
         Images per forward pass; only memory and speed depend on it.
+    views : int
+        Augmentation multiplicity (``train_per_sample``); 1: the crops as cut.
     """
     return train_per_sample(
         "keyframe",
@@ -204,6 +212,7 @@ def train_keyframe(
         generator=generator,
         secure_rng=secure_rng,
         samples_per_pass=images_per_pass,
+        views=views,
     )
 
 
@@ -219,6 +228,7 @@ def train_per_sample(
     generator: torch.Generator,
     secure_rng: bool,
     samples_per_pass: int,
+    views: int = 1,
 ) -> MechanismRecord:
     """Patient-level DP-SGD of a one-logit network through Opacus' per-sample gradients.
 
@@ -226,6 +236,12 @@ def train_per_sample(
     ``GradSampleModule`` ("hooks" mode) gives one gradient per sample; each is weighted by
     1 / (its patient's sample count) and summed per patient, so a patient's gradient is
     that of its mean binary cross-entropy. Patients without samples are left out.
+
+    With ``views`` > 1 (augmentation multiplicity, De et al. 2022), every sample enters
+    the patient's mean as ``views`` randomly augmented copies (``augment``): the
+    patient's gradient is averaged over augmentations before it is clipped, so the noise
+    stays that of one patient while the gradient varies less. The augmentations' own
+    randomness needs no secrecy: clipping bounds a patient's gradient whatever it is.
 
     Parameters
     ----------
@@ -240,8 +256,18 @@ def train_per_sample(
         As for ``train_detector``.
     samples_per_pass : int
         Samples per forward pass; only memory and speed depend on it.
+    views : int
+        Augmented copies of each sample per step (>= 1); 1: the samples as they are.
     """
+    if views < 1:
+        raise UsageError(f"{model_name}: views must be >= 1, got {views}")
     units = [u for u in units if len(u[0])]
+    # Their own stream, drawn only when asked for: with views 1 the DP mechanism's draws
+    # are what they were.
+    augmentations = torch.Generator()
+    if views > 1:
+        seed = torch.randint(2**62, (1,), generator=generator, device=generator.device)
+        augmentations.manual_seed(int(seed))
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     # "sum": the hooks then return each sample's gradient of the loss as written; with
@@ -249,17 +275,26 @@ def train_per_sample(
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
 
     def per_patient_gradients(sampled: list[int]) -> tuple[list[torch.Tensor], list[float]]:
-        # (row of the sampled patient, sample index) for every sample of the sampled patients
-        pieces = [(row, k) for row, i in enumerate(sampled) for k in range(len(units[i][0]))]
+        # (row of the sampled patient, sample index) for every view of every sample of the
+        # sampled patients
+        pieces = [
+            (row, k)
+            for row, i in enumerate(sampled)
+            for k in range(len(units[i][0]))
+            for _ in range(views)
+        ]
         rows = [p.new_zeros((len(sampled), *p.shape)) for p in params]
         losses = torch.zeros(len(sampled), device=device)
         for start in range(0, len(pieces), samples_per_pass):
             chunk = pieces[start : start + samples_per_pass]
-            inputs = torch.stack([units[sampled[r]][0][k] for r, k in chunk]).to(device)
+            inputs = torch.stack([units[sampled[r]][0][k] for r, k in chunk])
+            if views > 1:
+                inputs = augment(inputs, augmentations)
+            inputs = inputs.to(device)
             labels = torch.stack([units[sampled[r]][1][k] for r, k in chunk]).to(device)
             owner = torch.tensor([r for r, _ in chunk], device=device)
             weight = 1.0 / torch.tensor(
-                [len(units[sampled[r]][0]) for r, _ in chunk], device=device
+                [len(units[sampled[r]][0]) * views for r, _ in chunk], device=device
             )
             per_sample = F.binary_cross_entropy_with_logits(
                 wrapped(inputs), labels, reduction="none"
@@ -295,3 +330,20 @@ def train_per_sample(
         for module in model.modules():
             if hasattr(module, "activations"):
                 del module.activations
+
+
+AUGMENT_GAIN = 0.2  # intensity gain drawn from [1 - g, 1 + g]
+
+
+def augment(samples: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Each sample flipped left-right with probability 1/2 and its intensity scaled.
+
+    ``samples``: FloatTensor[B, C, ..., H, W] in [0, 1] (clips or key-frame crops). A
+    breast's lesion seen in the mirror is still that lesion, and the gain stands for the
+    scanners' gain settings; the result is clamped to [0, 1]. Returns a new tensor.
+    """
+    b = len(samples)
+    flip = torch.rand(b, generator=generator) < 0.5
+    gain = 1 + AUGMENT_GAIN * (2 * torch.rand(b, generator=generator) - 1)
+    out = torch.where(flip.view(-1, *[1] * (samples.dim() - 1)), samples.flip(-1), samples)
+    return (out * gain.view(-1, *[1] * (samples.dim() - 1))).clamp_(0, 1)

@@ -246,6 +246,7 @@ def run_config_for(
         "learning-rate": settings.learning_rate,
         "detector-learning-rate": settings.detector_learning_rate,
         "classifier-trains": settings.classifier_trains,
+        "augment-views": settings.augment_views,
         "mlflow-tracking-uri": f"sqlite:///{out / 'mlflow.db'}",
         "mlflow-artifact-location": str(out / "mlartifacts"),
         "out-dir": str(out),

@@ -22,6 +22,7 @@ class DemoSettings:
     # From the pretrained start the detector takes smaller steps (pyproject's comment).
     detector_learning_rate: float = 0.01
     classifier_trains: str = "all"  # run config classifier-trains (pyproject's comment)
+    augment_views: int = 1  # run config augment-views
     secure_aggregation: bool = True
     timeout_s: float = 1500.0
     secagg_timeout: float = 60.0

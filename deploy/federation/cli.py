@@ -325,6 +325,14 @@ def start(
             "train: all (default), last-stage, norm or head (the head on frozen features).",
         ),
     ] = None,
+    augment_views: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Augmented copies of each clip in a patient's gradient, averaged before "
+            "clipping (1: none); costs that many times the sites' compute, no epsilon.",
+        ),
+    ] = None,
     min_sites: Annotated[
         int | None, typer.Option(min=1, help="Sites needed for a round to go ahead.")
     ] = None,
@@ -386,6 +394,7 @@ def start(
         learning_rate=learning_rate,
         detector_learning_rate=detector_learning_rate,
         classifier_trains=classifier_trains,
+        augment_views=augment_views,
         min_sites=min_sites,
         proposed_noise_multiplier=proposed_noise_multiplier,
         proposed_sample_rate=proposed_sample_rate,
