@@ -48,6 +48,8 @@ VENDORS = ("vendor-a", "vendor-b", "vendor-c")
 # Malignant and benign patients a demo hospital holds at least (16 patients at seed 8 drew
 # no malignant one).
 MIN_PER_CLASS = 3
+# Below this many pooled validation patients the round table says its val AUC is noise.
+MIN_VAL_PATIENTS = 30
 
 
 def demo_site_config(
@@ -320,6 +322,13 @@ def round_table(rounds: list[dict[str, Any]], held_out: dict[str, Any] | None = 
             held = scores.get(int(r["round"]))
             cells.insert(4, held.text() if held else "-")
         table.add_row(*cells)
+    # A demo site validates on a handful of patients: say how many stand behind the AUC.
+    val_patients = [r["metrics"]["val_patients"] for r in rounds if "val_patients" in r["metrics"]]
+    if val_patients:
+        n = int(val_patients[-1])
+        table.caption = f"val AUC: the sites' {n} validation patients pooled" + (
+            "; too few to compare rounds" if n < MIN_VAL_PATIENTS else ""
+        )
     return table
 
 
