@@ -192,3 +192,22 @@ def test_heatmap_without_a_clip_shows_one_frame(tmp_path: Path):
     assert heatmap_frames(result) == []
     save_heatmap(tmp_path / "heatmap.png", frames, result)
     assert (tmp_path / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("n_clips", [1, 4])
+def test_the_heatmap_title_fits_its_figure(tmp_path: Path, monkeypatch, n_clips: int):
+    """One clip gives a narrow figure; its title once ran off the right edge."""
+    import common.pipeline.render as render
+
+    frames = _video(80, 128, 128)
+    clips = [_clip(k, list(range(10 * k, 10 * k + 8)), 0.2 * k + 0.1) for k in range(n_clips)]
+    figures = []
+    monkeypatch.setattr(render.plt, "close", figures.append)
+
+    save_heatmap(tmp_path / "heatmap.png", frames, _result(frames, clips, []))
+
+    (figure,) = figures
+    title = figure.get_suptitle()
+    assert "BI-RADS" in title and ("clips" in title) == (n_clips > 1)
+    box = figure._suptitle.get_window_extent(figure.canvas.get_renderer())
+    assert box.x0 >= 0 and box.x1 <= figure.bbox.width

@@ -540,9 +540,14 @@ def save_heatmap(path: Path, frames: np.ndarray, result: VideoResult) -> None:
     if result.no_lesion_tracked or result.score is None:
         figure.suptitle("no lesion tracked", fontsize=13)
     else:
+        # Two lines: one panel's figure is too narrow for them on one ("… suspicious c").
         figure.suptitle(
-            f"risk score {result.score:.2f}, BI-RADS {result.category}: "
-            "class activation maps of the most suspicious clips",
+            f"risk score {result.score:.2f}, BI-RADS {result.category}\n"
+            + (
+                "class activation maps of the most suspicious clips"
+                if len(chosen) > 1
+                else "class activation map of its clip"
+            ),
             fontsize=13,
         )
         mappable = plt.cm.ScalarMappable(norm=norm, cmap=COLORMAP)
