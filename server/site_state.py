@@ -28,17 +28,23 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
 from flwr.app import Message, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 from flwr.supercore.run import Run
 
 from common.files import write_atomic
 from common.site_states import ASKED
 
 POLL_S = 3.0  # Flower's own pull interval
+# A push whose session the SuperLink replaced is repeated this often, waiting 2, 4, 8, 16 s.
+PUSH_ATTEMPTS = 5
+PUSH_RETRY_WAIT_S = 2.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 REASON_CHARS = 200
 
@@ -167,8 +173,26 @@ class WatchedGrid(Grid):
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Push ``messages``; pushed again when the SuperLink dropped their push session.
+
+        Flower 1.41's push is two calls: PushMessages opens a session, then each object is
+        pushed with it. On a busy machine the first call can time out and be retried while
+        the SuperLink still serves it; the later session replaces the earlier one and the
+        objects' pushes fail with ``ObjectPushError`` ("... expired or been replaced"),
+        which ended a ServerApp between round 1 and its evaluation under CI load. Pushing
+        the same messages again opens a fresh session; objects already stored are skipped.
+        """
         messages = list(messages)
-        ids = self.grid.push_messages(messages)
+        for attempt in range(1, PUSH_ATTEMPTS + 1):
+            try:
+                ids = self.grid.push_messages(messages)
+                break
+            except ObjectPushError as error:
+                if attempt == PUSH_ATTEMPTS:
+                    raise
+                wait = PUSH_RETRY_WAIT_S * 2 ** (attempt - 1)
+                log(WARNING, "busfed: push failed (%s); pushing again in %.0f s", error, wait)
+                time.sleep(wait)
         self.states.asked(messages)
         return ids
 

@@ -15,6 +15,7 @@ from flwr.server import Grid, LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import FedAvg
 from flwr.server.workflow import DefaultWorkflow
 from flwr.simulation import run_simulation
+from flwr.supercore.inflatable.inflatable_utils import ObjectPushError
 
 from common.site_states import (
     describe_site_states,
@@ -22,8 +23,9 @@ from common.site_states import (
     parse_site_names,
     read_site_states,
 )
+from server import site_state
 from server.app import secure_fit_workflow
-from server.site_state import SiteStates, WatchedGrid, failure_reason
+from server.site_state import PUSH_ATTEMPTS, SiteStates, WatchedGrid, failure_reason
 from tests.test_secagg import RUN_CONFIG, SHAPES, SITES, site_update
 
 
@@ -68,6 +70,44 @@ def test_a_site_is_named_once_known_and_its_wait_is_shown(tmp_path: Path) -> Non
     since = seen["sites"]["hospital-a"]["since"]
     line = describe_site_states(seen, now=since + 42)
     assert line == "round 4: hospital-a waiting, hospital-b dropped: no reply in 61 s"
+
+
+class ReplacedSession:
+    """A grid whose SuperLink drops the first ``failures`` push sessions, as Flower 1.41's
+    did under load (a retried PushMessages replaced the session the objects went to)."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.pushes = 0
+
+    def push_messages(self, messages):  # type: ignore[no-untyped-def]
+        self.pushes += 1
+        if self.pushes <= self.failures:
+            raise ObjectPushError("8eda13de", 1, f"session-{self.pushes}")
+        return [f"id-{m}" for m in messages]
+
+
+def test_a_push_whose_session_was_replaced_is_pushed_again(tmp_path, monkeypatch):
+    monkeypatch.setattr(site_state.time, "sleep", lambda s: None)
+    states = SiteStates(tmp_path / "sites.json")
+    asked: list[list[str]] = []
+    monkeypatch.setattr(states, "asked", asked.append)
+    inner = ReplacedSession(failures=2)
+
+    ids = WatchedGrid(inner, states).push_messages(["m1", "m2"])  # type: ignore[arg-type]
+
+    assert list(ids) == ["id-m1", "id-m2"] and inner.pushes == 3
+    assert asked == [["m1", "m2"]]  # recorded once, after the push that went through
+
+
+def test_a_push_that_keeps_failing_ends_with_flowers_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(site_state.time, "sleep", lambda s: None)
+    inner = ReplacedSession(failures=PUSH_ATTEMPTS)
+    grid = WatchedGrid(inner, SiteStates(tmp_path / "sites.json"))  # type: ignore[arg-type]
+
+    with pytest.raises(ObjectPushError):
+        grid.push_messages(["m1"])  # type: ignore[list-item]
+    assert inner.pushes == PUSH_ATTEMPTS
 
 
 class Site(NumPyClient):
