@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from common.errors import FederationError
-from deploy.processes import console_script
+from deploy.processes import TREE_VARIABLE, console_script
 
 PROFILE = "busfed"
 T = TypeVar("T")
@@ -105,6 +105,10 @@ def is_transient(message: str) -> bool:
 class FlowerCli:
     """The ``flwr`` CLI against one SuperLink connection profile in ``flwr_home``.
 
+    With a ``tree_token``, every ``flwr`` process carries it as ``TREE_VARIABLE``, so
+    its owner can stop one that outlived the call: Ctrl-C between Popen's fork and exec
+    leaves the child running, unknown to ``subprocess.run``.
+
     A call the SuperLink answers with a transient error (``is_transient``) is tried again
     with exponential back-off (1, 2, 4 ... 15 s) for up to ``retry_s`` seconds; each retry
     is announced on stderr. Every other failure raises at once.
@@ -114,12 +118,19 @@ class FlowerCli:
     cwd: Path
     profile: str = PROFILE
     retry_s: float = TRANSIENT_RETRY_S
+    tree_token: str = ""
+
+    def env(self) -> dict[str, str]:
+        env = flower_env(self.flwr_home)
+        if self.tree_token:
+            env[TREE_VARIABLE] = self.tree_token
+        return env
 
     def _once(self, args: tuple[str, ...], timeout: float) -> str:
         try:
             res = subprocess.run(
                 [console_script("flwr"), *args],
-                env=flower_env(self.flwr_home),
+                env=self.env(),
                 cwd=self.cwd,
                 capture_output=True,
                 text=True,
@@ -158,7 +169,7 @@ class FlowerCli:
         """Run ``flwr ARGS`` with its output on ours (``flwr log --stream``); its exit code."""
         return subprocess.call(
             [console_script("flwr"), *args],
-            env=flower_env(self.flwr_home),
+            env=self.env(),
             cwd=self.cwd,
             stdin=subprocess.DEVNULL,
         )

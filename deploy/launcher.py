@@ -12,6 +12,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,7 +75,9 @@ class LocalFederation:
         self.flwr_home = self.workdir / "flwr-home"
         # The lead's connection profile for the flwr CLI.
         write_profile(self.flwr_home, address=self.address, ca_cert=self.pki.ca_cert)
-        self.cli = FlowerCli(self.flwr_home, self.workdir)
+        # Its flwr calls carry a token of their own, so stop() also ends one that Ctrl-C
+        # left running.
+        self.cli = FlowerCli(self.flwr_home, self.workdir, tree_token=uuid.uuid4().hex)
 
     # ------------------------------------------------------------------ processes
     @property
@@ -183,7 +186,7 @@ class LocalFederation:
         if self.watchdog is not None:
             self.watchdog.stop()
         with self._lock:
-            stop_processes(self.processes)
+            stop_processes(self.processes, tokens=[self.cli.tree_token])
 
     def __enter__(self) -> LocalFederation:
         return self

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,16 +96,19 @@ def spawn(
     return ManagedProcess(name=name, popen=popen, log=log, tree_token=token)
 
 
-def process_tree(processes: list[ManagedProcess]) -> list[psutil.Process]:
+def process_tree(
+    processes: list[ManagedProcess], tokens: Collection[str] = ()
+) -> list[psutil.Process]:
     """These processes and every process they spawned, parents first: their children, and
-    any process that carries one of their tree tokens (orphans that Flower detached)."""
+    any process that carries one of their tree tokens (orphans that Flower detached) or
+    one of ``tokens`` (see ``FlowerCli.tree_token``)."""
     tree: dict[int, psutil.Process] = {}
     for proc in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             root = psutil.Process(proc.popen.pid)
             for p in [root, *root.children(recursive=True)]:
                 tree.setdefault(p.pid, p)
-    tokens = {proc.tree_token for proc in processes if proc.tree_token}
+    tokens = {*tokens, *(proc.tree_token for proc in processes if proc.tree_token)}
     if tokens:
         for p in psutil.process_iter():
             if p.pid in tree or p.pid == os.getpid():
@@ -115,15 +119,16 @@ def process_tree(processes: list[ManagedProcess]) -> list[psutil.Process]:
     return list(tree.values())
 
 
-def stop_processes(processes: list[ManagedProcess]) -> None:
-    """Stop these processes and everything they spawned.
+def stop_processes(processes: list[ManagedProcess], tokens: Collection[str] = ()) -> None:
+    """Stop these processes, everything they spawned, and every process carrying one of
+    ``tokens``.
 
     Flower detaches some children (flower-superexec, flwr-serverapp) into sessions of
     their own, so process groups are not enough: the whole tree is collected first
     (children while parents still exist, and orphans by their tree token), then sent
     SIGTERM, then SIGKILL after a grace period.
     """
-    tree = process_tree(processes)
+    tree = process_tree(processes, tokens)
     for p in reversed(tree):
         with contextlib.suppress(psutil.NoSuchProcess):
             p.terminate()

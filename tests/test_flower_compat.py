@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import ClassVar
 
@@ -21,6 +23,8 @@ from common.flower_compat import (
 )
 from deploy.federation.runs import check_finished_run
 from deploy.flwr_cli import FlowerCli, is_transient
+from deploy.launcher import LocalFederation
+from deploy.pki import pki_paths
 
 
 def test_flower_still_has_the_globals_busfed_replaces() -> None:
@@ -120,6 +124,21 @@ def test_flwr_cli_retries_a_busy_superlink(tmp_path: Path) -> None:
 
     with pytest.raises(FederationError, match="already in use"):
         cli._retrying(refused, "registering")  # not transient: raised at once
+
+
+def test_stopping_a_federation_ends_a_flwr_call_that_ctrl_c_left_running(tmp_path: Path) -> None:
+    """Ctrl-C between Popen's fork and exec leaves the ``flwr`` child running, unknown to
+    ``subprocess.run`` (it outlived a demo once): stop() finds it by the CLI's token."""
+    federation = LocalFederation(tmp_path, pki_paths(tmp_path))
+    left = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)"], env=federation.cli.env()
+    )
+    try:
+        federation.stop()  # waits for what it stopped (and reaps it: no exit code here)
+        assert left.poll() is not None
+    finally:
+        left.kill()
+        left.wait()
 
 
 def test_a_run_that_registered_no_model_is_a_failure(tmp_path: Path) -> None:
