@@ -156,7 +156,7 @@ def test_unregistered_site_and_untrusted_ca_are_refused(tmp_path: Path) -> None:
         assert all(n["status"] != "online" for n in nodes)
 
 
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1500)
 def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
     tmp_path: Path,
 ) -> None:
@@ -187,10 +187,11 @@ def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
         restart()
         restarts, last_start = 0, time.monotonic()
         # Round 1 waits for the SuperLink to declare the node dead (2 heartbeats); on a busy
-        # machine the three rounds took up to 9 minutes.
-        deadline = time.monotonic() + 840
+        # machine the three rounds took up to 9 minutes, and once more than 14 (make test
+        # beside two CPU-bound jobs, the other test worker training too).
+        deadline = time.monotonic() + 1200
         while not (status := fed.run_status(run_id)["status"]).startswith("finished"):
-            assert time.monotonic() < deadline, "the run never finished"
+            assert time.monotonic() < deadline, progress(fed, run_id, out, restarts)
             if not fed.processes[-1].alive() and time.monotonic() - last_start > RESTART_SEC:
                 restarts += 1
                 assert restarts < 10, fed.processes[-1].tail()
@@ -212,6 +213,19 @@ def test_round_completes_when_a_site_dies_mid_round_and_it_rejoins_the_next(
     back = [r["round"] for r in summary["rounds"] if site in r["sites"]]
     assert back and back == list(range(back[0], 4)) and back[0] <= 3
     assert site_keys(victim).private_key.exists()
+
+
+def progress(fed: LocalFederation, run_id: int, out: Path, restarts: int) -> str:
+    """Why a run did not finish in time: the rounds it recorded, the SuperNode restarts,
+    and the end of the ServerApp's log."""
+    rounds = out / "rounds.jsonl"
+    done = rounds.read_text() if rounds.exists() else "(no round recorded)\n"
+    try:
+        log = fed.flwr("log", str(run_id), fed.cli.profile, "--show", timeout=60)
+    except Exception as exc:  # a diagnosis, not the failure: say why it is missing
+        log = f"(no log: {exc})"
+    tail = "\n".join(log.splitlines()[-60:])
+    return f"the run never finished; {restarts} SuperNode restarts; rounds:\n{done}{tail}"
 
 
 def demo_process(out: Path, *extra: str) -> subprocess.Popen[str]:
