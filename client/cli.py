@@ -461,14 +461,18 @@ INGEST_HELP = (
     "Build the de-identified site dataset OUT from a hospital export SRC: videos (AVI, MP4, "
     "...) with an annotation CSV, or with --key-frames images in label folders (SRC/benign, "
     "SRC/malignant, SRC/normal) or anywhere under SRC with a label in the annotation "
-    "CSV.\n\n"
+    "CSV. DICOM ultrasound files (single images and cine loops, any name with the DICM "
+    "preamble, or .dcm) are read in either case.\n\n"
     "Annotation CSV columns: file, patient_id, label (benign | malignant) and the optional "
     "birads, age, lesion_size_mm, vendor, split (blank split: drawn per patient). Box CSV "
     "(--boxes, default boxes.csv beside the annotations): file, frame, x1, y1, x2, y2 in "
     "source pixels.\n\n"
     "Every video is decoded and re-encoded as H.264 without metadata; burned-in text bands "
     "at the top and bottom of the frames are blacked out; patient ids become keyed hashes "
-    "(HMAC-SHA256 with --secret-file); output names are hashes. SRC is only read. Re-runs "
+    "(HMAC-SHA256 with --secret-file); output names are hashes. Of a DICOM file only the "
+    "pixels are kept, black outside its ultrasound tissue regions (DICOM PS3.15 Annex E, "
+    "Clean Pixel Data); a blank patient_id or vendor is taken from its header, and "
+    "OUT/dicom-deid.json records what was done. SRC is only read. Re-runs "
     "process only what changed (OUT/.ingest-state.json).\n\n"
     "Exit codes:\n"
     "0  dataset written, no file rejected\n"
@@ -506,6 +510,14 @@ def ingest(
             "annotations), not videos.",
         ),
     ] = False,
+    allow_burned_in: Annotated[
+        bool,
+        typer.Option(
+            "--allow-burned-in",
+            help="Take DICOM files that say BurnedInAnnotation YES and have no ultrasound "
+            "region; only the header-band detector then masks their text.",
+        ),
+    ] = False,
 ) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -527,6 +539,7 @@ def ingest(
                 annotations=annotations,
                 boxes=boxes,
                 key_frames=key_frames,
+                allow_burned_in=allow_burned_in,
                 progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
 
@@ -542,6 +555,7 @@ def ingest(
     summary.add_row("rejected", str(len(report.rejected)))
     summary.add_row("outputs removed (source gone or now invalid)", str(report.removed))
     summary.add_row("videos in the manifest", str(report.videos))
+    summary.add_row("  from DICOM files (records: dicom-deid.json)", str(report.dicom))
     summary.add_row(
         "  with burned-in text blacked out",
         f"{len(masked)} ({sum(m.frames_with_text for m in masked)} frames showed text; "

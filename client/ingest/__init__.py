@@ -38,6 +38,14 @@ box; the video classifier needs 8 frames and skips them). An image without a
 ``patient_id`` counts as its own patient, which overstates the number of patients if one
 woman has several images: the summary warns, since the privacy unit is the patient.
 
+**DICOM files** (any file with the DICM preamble, or named ``.dcm``) are read in either
+mode, by ``client.ingest.dicom``: single images and cine loops, in any transfer syntax GDCM
+decodes. In the annotation CSV, ``file`` names the DICOM file; a blank ``patient_id`` is
+the header's PatientID (pseudonymised like any other), a blank ``vendor`` its
+Manufacturer. Only the pixels are kept, black outside the scanner's tissue regions; each
+file's de-identification record is in ``OUT/dicom-deid.json``. A cine loop among key
+frames is rejected.
+
 Bad rows are skipped, each rejected file named with the CSV, line and field (a label
 outside the schema, a box outside the image, a patient found in two splits, a file
 annotated twice); the rest of the export is ingested.

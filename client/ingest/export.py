@@ -21,6 +21,10 @@ from common.errors import DataError
 
 VIDEO_SUFFIXES = frozenset({".avi", ".mp4", ".mov", ".mkv"})
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+# DICOM files are found by their preamble whatever their name; a file with one of these
+# suffixes and no preamble is taken too, and rejected as not DICOM.
+DICOM_SUFFIXES = frozenset({".dcm", ".dicom"})
+DICOM_PREAMBLE_END = 132  # 128 bytes of preamble, then "DICM"
 # Key-frame folder -> (label, BI-RADS category when the annotations give none).
 KEY_FRAME_FOLDERS: dict[str, tuple[str, str | None]] = {
     "benign": ("benign", None),
@@ -149,13 +153,29 @@ def _is_number(value: str, column: str) -> bool:
     return True
 
 
+def is_dicom(path: Path) -> bool:
+    """Whether the file starts with the DICOM preamble (128 bytes, then ``DICM``)."""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(DICOM_PREAMBLE_END)
+    except OSError:
+        return False
+    return len(head) == DICOM_PREAMBLE_END and head[128:] == b"DICM"
+
+
+def is_dicom_source(path: Path) -> bool:
+    """A source to read as DICOM: named so, or starting with the DICOM preamble."""
+    return path.suffix.lower() in DICOM_SUFFIXES or is_dicom(path)
+
+
 def sources(src: Path, *, key_frames: bool) -> list[str]:
-    """Source files (videos, or ``key_frames`` images) anywhere under ``src``, relative, sorted."""
+    """Source files anywhere under ``src``, relative, sorted: videos, or (``key_frames``)
+    images, and DICOM files in either case."""
     suffixes = IMAGE_SUFFIXES if key_frames else VIDEO_SUFFIXES
     return sorted(
         p.relative_to(src).as_posix()
         for p in src.rglob("*")
-        if p.is_file() and p.suffix.lower() in suffixes
+        if p.is_file() and (p.suffix.lower() in suffixes or is_dicom_source(p))
     )
 
 

@@ -12,6 +12,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from client import deid
+from client.ingest import dicom
 from client.ingest.convert import process
 from client.ingest.export import (
     ANNOTATION_REQUIRED,
@@ -19,6 +20,7 @@ from client.ingest.export import (
     Reject,
     Rejected,
     drop_split_leaks,
+    is_dicom_source,
     label_folder,
     read_annotations,
     read_boxes,
@@ -30,6 +32,8 @@ from common.errors import DataError, UsageError
 from common.files import write_atomic
 
 STATE_FILE = ".ingest-state.json"
+# Each DICOM file's de-identification record (``client.ingest.dicom``), by output video.
+DICOM_RECORDS = "dicom-deid.json"
 # Bump when processing changes what a file turns into: every file is then redone.
 INGEST_VERSION = 1
 
@@ -64,6 +68,8 @@ class IngestReport:
         The burned-in text masked in each of those videos (this run or an earlier one).
     warnings : list[str]
         Things to look at that did not reject a file.
+    dicom : int
+        Videos in the manifest made from DICOM files (their records: ``DICOM_RECORDS``).
     """
 
     processed: list[Ingested] = field(default_factory=list)
@@ -73,6 +79,7 @@ class IngestReport:
     videos: int = 0
     masks: list[deid.TextMask] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    dicom: int = 0
 
 
 # ------------------------------------------------------------------ state
@@ -86,10 +93,11 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _settings_fingerprint(secret: bytes, *, key_frames: bool) -> str:
+def _settings_fingerprint(secret: bytes, *, key_frames: bool, allow_burned_in: bool) -> str:
     settings = {
         "version": INGEST_VERSION,
         "key_frames": key_frames,
+        "allow_burned_in": allow_burned_in,
         "secret": deid.secret_fingerprint(secret),
         "deid": [
             deid.DARK_LEVEL, deid.MIN_TEXT_LEVEL, deid.STROKE_RELATIVE, deid.MIN_STROKE_PIXELS,
@@ -146,6 +154,7 @@ def ingest(
     annotations: Path | None,
     boxes: Path | None,
     key_frames: bool,
+    allow_burned_in: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> IngestReport:
     """Build or update the de-identified site dataset ``out`` from the export ``src``.
@@ -165,6 +174,9 @@ def ingest(
         Box CSV; None reads ``boxes.csv`` beside ``annotations`` if it exists.
     key_frames : bool
         Read ``src`` as key-frame images (see the module docstring), not videos.
+    allow_burned_in : bool
+        Take DICOM files that say BurnedInAnnotation YES and have no ultrasound region
+        (``client.ingest.dicom``); otherwise they are rejected.
     progress : callable, optional
         ``progress(done, total)`` after each file is looked at.
 
@@ -221,9 +233,12 @@ def ingest(
             unlisted.append(file)
             continue
         where = f"{annotations_name} line {record[0]}" if record else file
+        values = record[1] if record else None
         try:
+            if is_dicom_source(src / file):
+                values = _with_header_fields(src / file, values, where, key_frames=key_frames)
             fields, was_derived = validate_row(
-                file, record[1] if record else None, where, key_frames=key_frames, secret=secret
+                file, values, where, key_frames=key_frames, secret=secret
             )
         except Reject as exc:
             early[file] = str(exc)
@@ -247,7 +262,7 @@ def ingest(
 
     out.mkdir(parents=True, exist_ok=True)
     state = _load_state(out)
-    settings = _settings_fingerprint(secret, key_frames=key_frames)
+    settings = _settings_fingerprint(secret, key_frames=key_frames, allow_burned_in=allow_burned_in)
     old_files: dict[str, Any] = state["files"]
     if state["settings"] != settings:
         # Nothing earlier is reusable, but its outputs stay tracked (to be replaced or
@@ -257,11 +272,18 @@ def ingest(
     state = {"settings": settings, "files": new_files}
     manifest: list[tuple[Any, ...]] = []
     box_rows: list[tuple[Any, ...]] = []
+    records: dict[str, Any] = {}
     for done, plan in enumerate(plans, start=1):
         entry = _refresh_entry(plan, old_files.get(plan.key), out)
         if "result" not in entry:
             try:
-                entry["result"] = process(plan, out, key_frames=key_frames, boxes_name=boxes_name)
+                entry["result"] = process(
+                    plan,
+                    out,
+                    key_frames=key_frames,
+                    boxes_name=boxes_name,
+                    allow_burned_in=allow_burned_in,
+                )
             except Reject as exc:
                 entry["result"] = {"rejected": str(exc)}
             new_files[plan.key] = entry
@@ -279,6 +301,8 @@ def ingest(
         else:
             manifest.append((result["video"], *(plan.row[c] for c in MANIFEST_COLUMNS[1:])))
             report.masks.append(_mask(result))
+            if "dicom" in result:
+                records[result["video"]] = result["dicom"]
             box_rows += [
                 (result["video"], frame, *(f"{v:g}" for v in coords))
                 for frame, *coords in result["boxes"]
@@ -291,9 +315,28 @@ def ingest(
     manifest.sort(key=lambda row: row[0])  # one row per video
     box_rows.sort(key=lambda row: (row[0], row[1]))
     write_manifest(out, manifest, box_rows)
+    write_atomic(out / DICOM_RECORDS, json.dumps(records, indent=1, sort_keys=True))
     report.videos = len(manifest)
+    report.dicom = len(records)
     report.rejected.sort(key=lambda r: r.file)
     return report
+
+
+def _with_header_fields(
+    path: Path, values: dict[str, str] | None, where: str, *, key_frames: bool
+) -> dict[str, str]:
+    """A DICOM file's annotation values, with a blank ``patient_id`` and ``vendor`` taken
+    from its header (the patient id is pseudonymised by ``validate_row`` like any other).
+    A key frame without either counts as its own patient, as an image does."""
+    filled = dict(values or {})
+    for name, value in dicom.header_fields(path).items():
+        if not filled.get(name):
+            filled[name] = value
+    if not filled.get("patient_id") and not key_frames:
+        raise Reject(
+            f"{where}, field patient_id: empty, and so is the DICOM file's PatientID (0010,0020)"
+        )
+    return filled
 
 
 def _mask(result: dict[str, Any]) -> deid.TextMask:
